@@ -1,0 +1,1 @@
+//! Recording backend double (owned by the backend work).

@@ -1,0 +1,1 @@
+//! libvirt backend (owned by the backend work).

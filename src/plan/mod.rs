@@ -1,0 +1,5 @@
+//! PURE planning core: validated lab + explicit inputs → `LabPlan`. No I/O, no clock, no randomness.
+
+pub mod types;
+
+pub use types::*;

@@ -1,0 +1,1 @@
+//! russh client (owned by the ssh work).

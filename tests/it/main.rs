@@ -1,0 +1,7 @@
+//! The one integration-test binary: whole-program behaviour.
+
+mod backend_test_driver;
+mod e2e;
+mod invalid;
+mod labs_plan;
+mod render_validate;
