@@ -7,7 +7,12 @@
 
 pub mod backend;
 pub mod catalog;
+pub mod cli;
 pub mod config;
 pub mod model;
+pub mod observed;
+pub mod paths;
 pub mod plan;
 pub mod provision;
+pub mod reconcile;
+pub mod state;

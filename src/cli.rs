@@ -1,0 +1,163 @@
+//! Command-line types only (clap derive). Doc comments are the `--help` text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "klab",
+    version,
+    about = "One command from a lab file to a Kubernetes lab on libvirt",
+    long_about = "klab reads a declarative lab file (networks, nodes, Kubernetes settings), creates the \
+networks and VMs on the hypervisor with static addresses on two NICs, pins every node's SSH host key, and \
+removes exactly what it created with `klab down`."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Output format: human text or JSON for scripts.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// More log output (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// libvirt connection URI [default: the lab's [host] uri, else qemu:///system].
+    #[arg(long, short = 'c', global = true, env = "KLAB_CONNECT")]
+    pub connect: Option<String>,
+    /// Accelerator: auto (KVM where libvirt offers it), kvm, or qemu (TCG, works everywhere).
+    #[arg(long, global = true, env = "KLAB_ACCEL", value_parser = ["auto", "kvm", "qemu"])]
+    pub accel: Option<String>,
+    /// Directory with template overrides (file names as in network-templates/ and cloud-init/).
+    #[arg(long, global = true, env = "KLAB_TEMPLATES")]
+    pub templates: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a lab file and report every error with file:line:col and a hint.
+    Validate {
+        /// Lab file.
+        #[arg(default_value = "lab.toml")]
+        file: PathBuf,
+    },
+    /// Show what `klab up` would create: networks, volumes, domains, addresses, steps.
+    Plan {
+        /// Lab file.
+        #[arg(default_value = "lab.toml")]
+        file: PathBuf,
+    },
+    /// Write every rendered file (network/domain XML, cloud-init seeds) to a directory for inspection.
+    Render {
+        /// Lab file.
+        #[arg(default_value = "lab.toml")]
+        file: PathBuf,
+        /// Output directory (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the JSON Schema of the lab file (for editor validation).
+    Schema,
+    /// Create or reconcile the lab: networks, volumes, VMs; wait until every node is ready.
+    Up(UpArgs),
+    /// Remove everything the lab created, and nothing else. Safe to run twice.
+    Down(DownArgs),
+    /// Show the lab's nodes, their state and addresses.
+    Status {
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        name: Option<String>,
+        /// Lab file to take the name from.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// List the labs klab knows on this host.
+    List,
+    /// Open a shell (or run a command) on a node with the lab's key and pinned host key.
+    Ssh {
+        /// Node name, or LAB/NODE.
+        node: String,
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        #[arg(long, short = 'l')]
+        lab: Option<String>,
+        /// Command to run instead of an interactive shell.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Print an OpenSSH config block for every node (with a pinned known_hosts file).
+    SshConfig {
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        name: Option<String>,
+    },
+    /// Check the host: libvirt reachable, KVM usable, bridge/subnet clashes, permissions.
+    Doctor {
+        /// Also check this lab file's networks against the host.
+        #[arg(long, short = 'f')]
+        file: Option<PathBuf>,
+    },
+    /// Manage base images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Lab file.
+    #[arg(default_value = "lab.toml")]
+    pub file: PathBuf,
+    /// Print the actions without doing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rebuild this node even though its definition changed (repeatable).
+    #[arg(long, value_name = "NODE")]
+    pub recreate: Vec<String>,
+    /// How many nodes to create and boot at once.
+    #[arg(long, short = 'j', default_value_t = 4)]
+    pub jobs: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// Lab name (works without the lab file).
+    pub name: Option<String>,
+    /// Take the lab name from this file.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Keep the state directory (keys, plan) after removing the lab.
+    #[arg(long)]
+    pub keep_state: bool,
+    /// Print what would be removed without removing it.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a cloud-init-ready image from distribution packages (offline-friendly).
+    Build {
+        /// Image to build (only `debian-12` for now).
+        name: String,
+        /// Rebuild even when a built image exists.
+        #[arg(long)]
+        force: bool,
+        /// Add containerd and runc to the image (for provisioner tests).
+        #[arg(long)]
+        with_containerd: bool,
+        /// Debian mirror to bootstrap from.
+        #[arg(long, env = "KLAB_DEBIAN_MIRROR")]
+        mirror: Option<String>,
+    },
+    /// List cached images.
+    List,
+}
