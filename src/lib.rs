@@ -16,3 +16,4 @@ pub mod plan;
 pub mod provision;
 pub mod reconcile;
 pub mod state;
+pub mod verify;
