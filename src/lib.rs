@@ -8,9 +8,12 @@
 pub mod backend;
 pub mod catalog;
 pub mod cli;
+pub mod commands;
 pub mod config;
+pub mod exec;
 pub mod model;
 pub mod observed;
+pub mod output;
 pub mod paths;
 pub mod plan;
 pub mod provision;

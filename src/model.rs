@@ -9,10 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A validated lab.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lab {
     pub name: String,
     pub host: Host,
@@ -36,7 +36,7 @@ impl Lab {
 }
 
 /// Where and how the lab runs (`[host]`). Environment and CLI overrides are applied by the caller.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Host {
     /// libvirt connection URI; `None` = caller's default (`--connect`, `KLAB_CONNECT`, `qemu:///system`).
     pub uri: Option<String>,
@@ -46,7 +46,9 @@ pub struct Host {
 }
 
 /// Accelerator choice: `auto` asks the hypervisor; `qemu` is TCG and works everywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash, PartialOrd, Ord,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Accel {
     #[default]
@@ -74,7 +76,7 @@ impl Accel {
 }
 
 /// Guest OS family: decides package manager, firewall and SELinux handling in provisioning.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum OsFamily {
     #[default]
@@ -83,7 +85,7 @@ pub enum OsFamily {
     Alma,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
     pub name: String,
     pub source: ImageSource,
@@ -94,7 +96,7 @@ pub struct Image {
     pub cmdline: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ImageSource {
     /// Downloaded into the cache and verified.
@@ -103,7 +105,7 @@ pub enum ImageSource {
     Path { path: PathBuf },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkMode {
     Nat,
@@ -121,7 +123,7 @@ impl NetworkMode {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     /// Key of `[networks.<name>]`.
     pub name: String,
@@ -138,7 +140,7 @@ pub struct Network {
     pub mtu: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
 #[serde(rename_all = "kebab-case")]
 pub enum Role {
     ControlPlane,
@@ -156,7 +158,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     /// Hostname and node name (count-expanded).
     pub name: String,
@@ -172,20 +174,20 @@ pub struct Node {
     pub nics: Vec<Nic>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nic {
     pub network: String,
     /// Static address (explicit or allocated by `plan::ipam`).
     pub ip: Ipv4Addr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Cni {
     Calico,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kubernetes {
     /// `major.minor` or `major.minor.patch`, e.g. `1.32` or `1.32.5`.
     pub version: String,
@@ -199,7 +201,7 @@ pub struct Kubernetes {
 }
 
 /// Every wait klab does has a bound; defaults suit TCG guests.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
     /// From domain start until SSH answers with the pinned host key.
     pub ssh: Duration,

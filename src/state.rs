@@ -208,6 +208,23 @@ impl StateDir {
             })
     }
 
+    /// The full plan saved by the last `up`, for change detection. A plan written by another klab
+    /// version that no longer parses counts as absent (change detection is then skipped).
+    pub fn load_full_plan(&self) -> Result<Option<LabPlan>, StateError> {
+        let p = self.dir.join("plan.json");
+        if !p.exists() {
+            return Ok(None);
+        }
+        let text = fs::read_to_string(&p).map_err(io("cannot read", &p))?;
+        match serde_json::from_str(&text) {
+            Ok(plan) => Ok(Some(plan)),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "saved plan unreadable; not checking for changes");
+                Ok(None)
+            }
+        }
+    }
+
     pub fn save_meta(&self, meta: &LabMeta) -> Result<(), StateError> {
         self.ensure_dir()?;
         let json = serde_json::to_string_pretty(meta).unwrap_or_default();

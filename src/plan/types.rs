@@ -2,7 +2,7 @@
 
 use std::net::Ipv4Addr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Accel, NetworkMode, OsFamily, Role};
 
@@ -79,7 +79,7 @@ impl std::fmt::Debug for HostKey {
 }
 
 /// The whole plan for one lab. Serializes to the `klab plan --output json` document.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabPlan {
     pub lab: String,
     /// `klab-<lab>`: every object name starts with it.
@@ -108,13 +108,13 @@ impl LabPlan {
 }
 
 /// The ownership tag written into every libvirt object klab creates.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ownership {
     pub namespace: String,
     pub lab: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
     /// libvirt pool name (`klab-<lab>` or the configured one).
     pub name: String,
@@ -123,7 +123,7 @@ pub struct PoolSpec {
     pub owned: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSpec {
     /// Key in the lab file.
     pub key: String,
@@ -145,7 +145,7 @@ pub struct NetworkSpec {
     pub mac_seed: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageSpec {
     pub key: String,
     pub family: OsFamily,
@@ -159,7 +159,7 @@ pub struct ImageSpec {
     pub cmdline: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSpec {
     pub name: String,
     pub role: Role,
@@ -181,7 +181,7 @@ pub struct NodeSpec {
     pub instance_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeSpec {
     /// Volume name in the pool.
     pub name: String,
@@ -193,14 +193,14 @@ pub struct VolumeSpec {
     pub backing: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeFormat {
     Qcow2,
     Raw,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NicSpec {
     /// Network key in the lab file.
     pub network: String,
@@ -219,13 +219,13 @@ pub struct NicSpec {
     pub mtu: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostEntry {
     pub ip: Ipv4Addr,
     pub names: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KubernetesSpec {
     /// Full version when given, else `major.minor` (the newest patch of that minor is installed).
     pub version: String,
@@ -251,7 +251,7 @@ pub struct KubernetesSpec {
 }
 
 /// One provisioning step, as data. The provisioner turns it into commands on nodes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionStep {
     /// Stable id, e.g. `preflight`, `containerd`, `packages`, `kubeadm-init`, `join-control-plane`.
     pub id: String,

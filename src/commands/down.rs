@@ -1,0 +1,100 @@
+//! `klab down`: remove every object tagged as the lab's (never anything else), then its state.
+
+use serde_json::json;
+
+use super::{CmdError, chain, resolve_lab_name};
+use crate::cli::{DownArgs, GlobalArgs};
+use crate::exec::call;
+use crate::output::Printer;
+use crate::reconcile::{self, KnownObjects};
+use crate::state::StateDir;
+
+pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), CmdError> {
+    let lab = resolve_lab_name(args.name.clone(), args.file.clone())?;
+    let state = StateDir::new(&crate::paths::state_root(), &lab);
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(state.lock()?)
+    };
+    let meta = state.load_meta()?;
+    let saved = state.load_plan()?;
+    // The URI the lab was made on wins over the default, so `klab down NAME` works from anywhere.
+    let uri = g
+        .connect
+        .clone()
+        .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
+        .unwrap_or_else(|| super::DEFAULT_URI.to_string());
+    let backend = super::up::connect(&uri).await?;
+    let prefix = format!("klab-{lab}");
+    let observed = call(&backend, move |b| b.observe(&prefix))
+        .await
+        .map_err(|e| CmdError::Internal(chain(&e)))?;
+    let known = KnownObjects {
+        pool: saved.as_ref().map(|s| (s.pool.name.clone(), s.pool.owned)),
+        volumes: saved
+            .as_ref()
+            .map(|s| {
+                s.nodes
+                    .iter()
+                    .flat_map(|n| {
+                        ["overlay", "seed"].into_iter().filter_map(move |k| {
+                            n.rest
+                                .get(k)
+                                .and_then(|v| v.get("name"))
+                                .and_then(|v| v.as_str())
+                                .map(String::from)
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let todo = reconcile::plan_down(&lab, &observed, &known);
+
+    if args.dry_run {
+        if p.is_json() {
+            p.json(
+                &json!({ "lab": lab, "dry_run": true, "actions": todo.actions, "left": todo.left }),
+            );
+        } else {
+            p.line(format!("klab down would, for lab {lab}:"));
+            for a in &todo.actions {
+                p.line(format!("  {}", a.describe()));
+            }
+            for l in &todo.left {
+                p.line(format!("  leave {} {} ({})", l.kind, l.name, l.reason));
+            }
+        }
+        return Ok(());
+    }
+
+    crate::exec::apply_down(&backend, p, &todo.actions)
+        .await
+        .map_err(|e| {
+            CmdError::user(
+                format!("lab {lab} is only partly removed: {}", chain(&e)),
+                format!("run `klab down {lab}` again; it removes what is left"),
+            )
+        })?;
+    if !args.keep_state {
+        drop(_lock);
+        state.remove()?;
+    }
+    if p.is_json() {
+        p.json(&json!({ "lab": lab, "removed": todo.actions, "left": todo.left, "state_kept": args.keep_state }));
+    } else {
+        for l in &todo.left {
+            p.line(format!("left {} {}: {}", l.kind, l.name, l.reason));
+        }
+        if todo.actions.is_empty() {
+            p.line(format!("lab {lab}: nothing to remove"));
+        } else {
+            p.line(format!(
+                "lab {lab} removed ({} objects)",
+                todo.actions.len()
+            ));
+        }
+    }
+    Ok(())
+}

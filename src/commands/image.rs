@@ -1,0 +1,83 @@
+//! `klab image build|list`.
+
+use serde_json::json;
+
+use super::{CmdError, chain};
+use crate::cli::ImageCommand;
+use crate::output::Printer;
+
+pub async fn image(p: &Printer, cmd: ImageCommand) -> Result<(), CmdError> {
+    let cache = crate::image::ImageCache::new(crate::paths::image_cache());
+    match cmd {
+        ImageCommand::Build {
+            name,
+            force,
+            with_containerd,
+            mirror,
+        } => {
+            if name != "debian-12" {
+                return Err(CmdError::user(
+                    format!("`klab image build` cannot build `{name}`"),
+                    "only `debian-12` can be built locally (from Debian packages); other catalog images are downloaded",
+                ));
+            }
+            let opts = crate::image::BuildOptions {
+                force,
+                with_containerd,
+                mirror,
+                ..Default::default()
+            };
+            let spinner = p.spinner("image debian-12");
+            spinner.step("building with debootstrap (about a minute)");
+            let c = cache.clone();
+            let built = tokio::task::spawn_blocking(move || crate::image::build_debian12(&c, &opts))
+                .await
+                .map_err(|e| CmdError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    spinner.fail("build failed");
+                    CmdError::user(
+                        chain(&e),
+                        "`klab image build` needs root, debootstrap and e2fsprogs, and a reachable Debian mirror (--mirror)",
+                    )
+                })?;
+            spinner.done("built");
+            if p.is_json() {
+                p.json(&built);
+            } else {
+                p.line(format!("{built}"));
+                p.line("labs with `image = \"debian-12\"` now use this image (direct kernel boot, no download)");
+            }
+            Ok(())
+        }
+        ImageCommand::List => {
+            let local = cache
+                .local_images()
+                .map_err(|e| CmdError::Internal(chain(&e)))?;
+            if p.is_json() {
+                p.json(&json!({
+                    "cache": cache.root(),
+                    "built": local.iter().map(|l| json!({"name": l.key, "path": l.path, "kernel": l.kernel})).collect::<Vec<_>>(),
+                    "catalog": crate::catalog::CATALOG.iter().map(|c| json!({"name": c.name, "url": c.url, "cached": cache.base_path(c.name).exists()})).collect::<Vec<_>>(),
+                }));
+                return Ok(());
+            }
+            p.line(format!("image cache: {}", cache.root().display()));
+            for c in crate::catalog::CATALOG {
+                let built = local.iter().any(|l| l.key == c.name);
+                let cached = cache.base_path(c.name).exists();
+                p.line(format!(
+                    "  {:<14} {}",
+                    c.name,
+                    if built {
+                        "built locally".to_string()
+                    } else if cached {
+                        "downloaded".to_string()
+                    } else {
+                        format!("not cached ({})", c.url)
+                    }
+                ));
+            }
+            Ok(())
+        }
+    }
+}

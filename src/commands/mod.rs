@@ -1,0 +1,209 @@
+//! One module per verb. Shared plumbing: error → exit code, lab/URI/accelerator resolution.
+
+pub mod doctor;
+pub mod down;
+pub mod image;
+pub mod info;
+pub mod offline;
+pub mod ssh;
+pub mod up;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::cli::{Cli, Command, GlobalArgs};
+use crate::config::{self, Diagnostics};
+use crate::model::{Accel, Lab};
+use crate::output::Printer;
+use crate::reconcile::Refusal;
+
+pub const DEFAULT_URI: &str = "qemu:///system";
+
+/// Errors at the CLI edge. `exit_code` maps them: 1 = the user can fix it, 2 = klab failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CmdError {
+    #[error("{0}")]
+    Invalid(Diagnostics),
+    #[error("{message}")]
+    User {
+        message: String,
+        hint: Option<String>,
+    },
+    #[error("refusing to change the lab:\n{}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n"))]
+    Refused(Vec<Refusal>),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CmdError {
+    pub fn user(message: impl Into<String>, hint: impl Into<String>) -> Self {
+        Self::User {
+            message: message.into(),
+            hint: Some(hint.into()),
+        }
+    }
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Internal(_) => 2,
+            _ => 1,
+        }
+    }
+    pub fn hint(&self) -> Option<&str> {
+        match self {
+            Self::User { hint, .. } => hint.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// Render an error with its whole source chain, once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let msg = src.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = src.source();
+    }
+    s
+}
+
+impl From<crate::state::StateError> for CmdError {
+    fn from(e: crate::state::StateError) -> Self {
+        match e {
+            crate::state::StateError::Locked { .. } => CmdError::user(
+                e.to_string(),
+                "wait for the other command to finish (or stop it); the lock is released when it exits",
+            ),
+            other => CmdError::Internal(chain(&other)),
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<(), CmdError> {
+    let printer = Printer::new(cli.global.output);
+    let g = &cli.global;
+    match cli.command {
+        Command::Validate { file } => offline::validate(&printer, &file),
+        Command::Plan { file } => offline::plan(&printer, g, &file),
+        Command::Render { file, out } => offline::render(&printer, g, &file, &out),
+        Command::Schema => offline::schema(&printer),
+        Command::Up(args) => up::up(&printer, g, &args).await,
+        Command::Down(args) => down::down(&printer, g, &args).await,
+        Command::Status { name, file } => info::status(&printer, g, name, file).await,
+        Command::List => info::list(&printer, g).await,
+        Command::Ssh { node, lab, command } => ssh::ssh(&printer, g, &node, lab, command).await,
+        Command::SshConfig { name } => ssh::ssh_config(&printer, name),
+        Command::Doctor { file } => doctor::doctor(&printer, g, file.as_deref()).await,
+        Command::Image(cmd) => image::image(&printer, cmd).await,
+    }
+}
+
+pub fn load_lab(file: &Path) -> Result<Lab, CmdError> {
+    config::load_file(file).map_err(|e| match e {
+        config::LoadError::Invalid(d) => CmdError::Invalid(d),
+        other => CmdError::user(
+            chain(&other),
+            "pass the lab file as an argument (default: ./lab.toml); examples are in labs/",
+        ),
+    })
+}
+
+/// `--connect` / `KLAB_CONNECT` > `[host] uri` > `qemu:///system`.
+pub fn resolve_uri(g: &GlobalArgs, lab: Option<&Lab>) -> String {
+    g.connect
+        .clone()
+        .or_else(|| lab.and_then(|l| l.host.uri.clone()))
+        .unwrap_or_else(|| DEFAULT_URI.to_string())
+}
+
+/// `--accel` / `KLAB_ACCEL` > `[host] accel` > auto.
+pub fn requested_accel(g: &GlobalArgs, lab: Option<&Lab>) -> Accel {
+    g.accel
+        .as_deref()
+        .and_then(Accel::parse)
+        .or_else(|| lab.map(|l| l.host.accel))
+        .unwrap_or(Accel::Auto)
+}
+
+/// Template overrides from `--templates DIR`: every regular file in it, by file name.
+pub fn template_overrides(g: &GlobalArgs) -> Result<BTreeMap<String, String>, CmdError> {
+    let mut out = BTreeMap::new();
+    let Some(dir) = &g.templates else {
+        return Ok(out);
+    };
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        CmdError::user(
+            format!("cannot read template directory {}: {e}", dir.display()),
+            "--templates takes a directory with files named like those in network-templates/ and cloud-init/",
+        )
+    })?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_file()
+            && let Some(name) = path.file_name().and_then(|n| n.to_str())
+        {
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                CmdError::user(
+                    format!("cannot read template {}: {e}", path.display()),
+                    "template files must be UTF-8 text",
+                )
+            })?;
+            out.insert(name.to_string(), text);
+        }
+    }
+    Ok(out)
+}
+
+pub fn templates(g: &GlobalArgs) -> Result<crate::render::Templates, CmdError> {
+    crate::render::Templates::new(template_overrides(g)?).map_err(|e| {
+        CmdError::user(
+            chain(&e),
+            "override files must have the names of the built-in templates (see `klab render --help`)",
+        )
+    })
+}
+
+/// Which lab a name-taking command means: the name, else the file's lab, else ./lab.toml's, else
+/// the only lab with state on this host.
+pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<String, CmdError> {
+    if let Some(n) = name {
+        return Ok(n);
+    }
+    if let Some(f) = file {
+        return Ok(load_lab(&f)?.name);
+    }
+    let default = Path::new("lab.toml");
+    if default.exists() {
+        return Ok(load_lab(default)?.name);
+    }
+    let labs = crate::state::list_labs(&crate::paths::state_root())?;
+    match labs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(CmdError::user(
+            "no lab named and no lab.toml here",
+            "name the lab (`klab down NAME`) or pass the file with -f; `klab list` shows the labs on this host",
+        )),
+        many => Err(CmdError::user(
+            format!("several labs on this host: {}", many.join(", ")),
+            "name the lab you mean",
+        )),
+    }
+}
+
+/// Plan inputs that do not depend on this machine's state: used by `plan` and `render`, so the
+/// same lab file gives byte-identical output everywhere.
+pub fn offline_inputs(lab: &Lab, g: &GlobalArgs) -> crate::plan::PlanInputs {
+    crate::plan::PlanInputs {
+        accel: requested_accel(g, Some(lab)),
+        uri: resolve_uri(g, Some(lab)),
+        pool_dir: crate::paths::pool_dir(&lab.name).display().to_string(),
+        image_cache: crate::paths::image_cache().display().to_string(),
+        console_dir: crate::paths::console_dir().display().to_string(),
+        keys: None,
+        local_images: Vec::new(),
+    }
+}

@@ -1,0 +1,154 @@
+//! Commands that need no hypervisor: validate, plan, render, schema.
+
+use std::path::Path;
+
+use serde_json::json;
+
+use super::{CmdError, load_lab, offline_inputs, templates};
+use crate::cli::GlobalArgs;
+use crate::output::Printer;
+
+pub fn validate(p: &Printer, file: &Path) -> Result<(), CmdError> {
+    let lab = load_lab(file)?;
+    if p.is_json() {
+        p.json(&json!({ "valid": true, "lab": lab.name, "nodes": lab.nodes.len() }));
+    } else {
+        p.line(format!(
+            "{}: lab `{}` is valid ({} nodes, {} networks{})",
+            file.display(),
+            lab.name,
+            lab.nodes.len(),
+            lab.networks.len(),
+            if lab.kubernetes.is_some() {
+                ", Kubernetes"
+            } else {
+                ""
+            }
+        ));
+    }
+    Ok(())
+}
+
+pub fn plan(p: &Printer, g: &GlobalArgs, file: &Path) -> Result<(), CmdError> {
+    let lab = load_lab(file)?;
+    let plan = crate::plan::plan(&lab, &offline_inputs(&lab, g));
+    if p.is_json() {
+        p.json(&plan);
+        return Ok(());
+    }
+    p.line(format!(
+        "lab {} on {} (accelerator: {})",
+        plan.lab,
+        plan.uri,
+        plan.accel.as_str()
+    ));
+    p.line(format!(
+        "  pool    {} {}{}",
+        plan.pool.name,
+        plan.pool.path,
+        if plan.pool.owned {
+            ""
+        } else {
+            " (existing, not owned)"
+        }
+    ));
+    for n in &plan.networks {
+        p.line(format!(
+            "  network {:<28} {:<8} {}/{} bridge {}{}",
+            n.name,
+            n.mode.as_str(),
+            n.address,
+            n.prefix,
+            n.bridge,
+            n.host_ip
+                .map(|ip| format!(" host {ip}"))
+                .unwrap_or_default()
+        ));
+    }
+    for node in &plan.nodes {
+        p.line(format!(
+            "  node    {:<12} {:<13} {} vCPU {} MiB  image {}",
+            node.name,
+            node.role.as_str(),
+            node.cpus,
+            node.memory_mib,
+            node.image
+        ));
+        for nic in &node.nics {
+            p.line(format!(
+                "          {:<6} {:<17} {}/{} on {}{}",
+                nic.ifname,
+                nic.mac,
+                nic.ip,
+                nic.prefix,
+                nic.network,
+                nic.gateway
+                    .map(|gw| format!(" (default route via {gw})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(k) = &plan.kubernetes {
+        p.line(format!(
+            "  kubernetes {} endpoint {} pods {} services {} cni calico {} ({})",
+            k.version,
+            k.control_plane_endpoint,
+            k.pod_cidr,
+            k.service_cidr,
+            k.calico_version,
+            k.calico_autodetect
+        ));
+    }
+    for s in &plan.steps {
+        p.line(format!(
+            "  step    {:<20} {}{}",
+            s.id,
+            s.nodes.join(","),
+            if s.serial { " (one at a time)" } else { "" }
+        ));
+    }
+    Ok(())
+}
+
+pub fn render(p: &Printer, g: &GlobalArgs, file: &Path, out: &Path) -> Result<(), CmdError> {
+    let lab = load_lab(file)?;
+    let plan = crate::plan::plan(&lab, &offline_inputs(&lab, g));
+    let rendered = crate::render::render_lab(&plan, None, &templates(g)?)
+        .map_err(|e| CmdError::user(super::chain(&e), "check your template overrides"))?;
+    let mut written = Vec::new();
+    for (rel, content) in rendered.files() {
+        let path = out.join(&rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                CmdError::user(
+                    format!("cannot create {}: {e}", parent.display()),
+                    "choose a writable --out directory",
+                )
+            })?;
+        }
+        std::fs::write(&path, content).map_err(|e| {
+            CmdError::user(
+                format!("cannot write {}: {e}", path.display()),
+                "choose a writable --out directory",
+            )
+        })?;
+        written.push(path.display().to_string());
+    }
+    if p.is_json() {
+        p.json(&json!({ "files": written }));
+    } else {
+        for w in &written {
+            p.line(w);
+        }
+        p.line(format!(
+            "{} files written (keys are placeholders; `klab up` renders real ones)",
+            written.len()
+        ));
+    }
+    Ok(())
+}
+
+pub fn schema(p: &Printer) -> Result<(), CmdError> {
+    p.json(&crate::config::schema_json());
+    Ok(())
+}
