@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use russh::keys::{PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
-use russh::{ChannelMsg, Disconnect, client};
+use russh::{ChannelMsg, Disconnect, Sig, client};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -360,13 +360,31 @@ impl SshSession {
         }
     }
 
-    async fn run(&self, command: &str, stdin: Option<&[u8]>) -> Result<CommandOutput, RemoteError> {
+    async fn run(
+        &self,
+        command: &str,
+        stdin: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<CommandOutput, RemoteError> {
+        let deadline = Instant::now() + timeout;
+        let timed_out = || RemoteError::Timeout {
+            node: self.node.clone(),
+            command: command.to_string(),
+            after: timeout,
+        };
         let proto = |e: russh::Error| RemoteError::Protocol {
             node: self.node.clone(),
             message: format!("`{command}`: {e}"),
         };
-        let channel = self.handle.channel_open_session().await.map_err(proto)?;
-        channel.exec(true, command).await.map_err(proto)?;
+        let open = async {
+            let channel = self.handle.channel_open_session().await?;
+            channel.exec(true, command).await?;
+            Ok::<_, russh::Error>(channel)
+        };
+        let channel = match tokio::time::timeout_at(deadline, open).await {
+            Ok(opened) => opened.map_err(proto)?,
+            Err(_) => return Err(timed_out()),
+        };
         let (mut reader, writer) = channel.split();
 
         // Stdin is written while output is read: a command that echoes a large input would
@@ -413,7 +431,20 @@ impl SshSession {
             }
             (out, err, status, signal, refused)
         };
-        let (written, (out, err, status, signal, refused)) = tokio::join!(write, read);
+        let finished = tokio::time::timeout_at(deadline, async { tokio::join!(write, read) }).await;
+        let Ok((written, (out, err, status, signal, refused))) = finished else {
+            // Best effort: sshd (OpenSSH >= 7.9) delivers the signal; closing the channel at least
+            // closes the command's pipes. Either way the caller is not kept waiting.
+            // Sent in the background so the caller gets its error exactly at the deadline.
+            tokio::spawn(async move {
+                let stop = async {
+                    let _ = writer.signal(Sig::KILL).await;
+                    let _ = writer.close().await;
+                };
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, stop).await;
+            });
+            return Err(timed_out());
+        };
         let stdout = String::from_utf8_lossy(&out).into_owned();
         let mut stderr = String::from_utf8_lossy(&err).into_owned();
         match (status, signal) {
@@ -460,16 +491,7 @@ impl Remote for SshSession {
         timeout: Duration,
     ) -> Result<CommandOutput, RemoteError> {
         tracing::debug!(node = %self.node, command, "exec");
-        match tokio::time::timeout(timeout, self.run(command, stdin)).await {
-            Ok(result) => result,
-            // Dropping the future drops the channel; the remote process is left to sshd, which
-            // closes its pipes when the connection goes.
-            Err(_) => Err(RemoteError::Timeout {
-                node: self.node.clone(),
-                command: command.to_string(),
-                after: timeout,
-            }),
-        }
+        self.run(command, stdin, timeout).await
     }
 
     async fn upload(&self, path: &str, data: &[u8], mode: u32) -> Result<(), RemoteError> {

@@ -201,7 +201,11 @@ impl server::Handler for Conn {
                 session.eof(ch)?;
                 session.close(ch)?;
             }
-            "sleep" => {}
+            "sleep" => {
+                if let Some(c) = self.channels.get_mut(&ch) {
+                    c.command = Some(command);
+                }
+            }
             // `cat` and shell commands run when stdin is complete.
             _ => {
                 if let Some(c) = self.channels.get_mut(&ch) {
@@ -224,6 +228,30 @@ impl server::Handler for Conn {
         Ok(())
     }
 
+    async fn signal(
+        &mut self,
+        ch: ChannelId,
+        signal: Sig,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let command = self.channels.get(&ch).and_then(|c| c.command.clone());
+        let what = format!("!signal {signal:?} {}", command.unwrap_or_default());
+        self.commands.lock().unwrap().push(what);
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        ch: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(c) = self.channels.remove(&ch) {
+            let what = format!("!close {}", c.command.unwrap_or_default());
+            self.commands.lock().unwrap().push(what);
+        }
+        Ok(())
+    }
+
     async fn channel_eof(
         &mut self,
         ch: ChannelId,
@@ -235,6 +263,10 @@ impl server::Handler for Conn {
         let Some(command) = c.command.take() else {
             return Ok(());
         };
+        if command == "sleep" {
+            c.command = Some(command);
+            return Ok(());
+        }
         let stdin = std::mem::take(&mut c.stdin);
         if command == "cat" {
             session.data(ch, stdin)?;
@@ -260,7 +292,8 @@ async fn run_shell(command: &str, stdin: &[u8]) -> std::process::Output {
         .spawn()
         .unwrap();
     let mut pipe = child.stdin.take().unwrap();
-    pipe.write_all(stdin).await.unwrap();
+    // A command that exits without reading its input closes the pipe; that is not an error.
+    let _ = pipe.write_all(stdin).await;
     drop(pipe);
     child.wait_with_output().await.unwrap()
 }
@@ -613,6 +646,21 @@ async fn per_command_timeout_and_the_session_survives_it() {
         other => panic!("{other:?}"),
     }
     assert_eq!(s.exec("echo hi", None, T).await.unwrap().stdout, "hi\n");
+    // The abandoned command was told to stop and its channel closed.
+    let stopped = async {
+        loop {
+            let log = sshd.commands();
+            if log.contains(&"!signal KILL sleep".to_string())
+                && log.contains(&"!close sleep".to_string())
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(3), stopped)
+        .await
+        .unwrap_or_else(|_| panic!("no signal/close seen: {:?}", sshd.commands()));
 }
 
 #[tokio::test]
