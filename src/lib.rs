@@ -1,7 +1,8 @@
 //! klab: one command from a declarative lab file to a Kubernetes lab on libvirt.
 //!
 //! Pure core (no I/O): [`config`] (lab file → validated [`model`]), [`plan`] (model → plan),
-//! [`render`] (plan → XML / cloud-init files), [`reconcile`] (plan vs observed → actions).
+//! [`render`] (plan → XML / cloud-init files), [`reconcile`] (plan vs [`observed`] → actions),
+//! [`verify`] (post-boot checks).
 //! Effects: [`backend`] (hypervisors), [`provision`] (SSH), [`image`], [`seed`], [`state`], [`exec`].
 //! Edge: [`cli`], [`commands`], [`output`].
 
@@ -11,6 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod exec;
+pub mod keys;
 pub mod model;
 pub mod observed;
 pub mod output;
