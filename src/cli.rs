@@ -47,6 +47,21 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write a lab file from an embedded example (default: `local`, an offline two-node lab).
+    Init {
+        /// Where to write it.
+        #[arg(default_value = "lab.toml")]
+        file: PathBuf,
+        /// Example to start from (see `klab init --list`).
+        #[arg(long, short = 'e', default_value = "local")]
+        example: String,
+        /// List the embedded examples.
+        #[arg(long)]
+        list: bool,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a lab file and report every error with file:line:col and a hint.
     Validate {
         /// Lab file.

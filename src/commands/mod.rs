@@ -87,6 +87,12 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
     let printer = Printer::new(cli.global.output);
     let g = &cli.global;
     match cli.command {
+        Command::Init {
+            file,
+            example,
+            list,
+            force,
+        } => offline::init(&printer, &file, &example, list, force),
         Command::Validate { file } => offline::validate(&printer, &file),
         Command::Plan { file } => offline::plan(&printer, g, &file),
         Command::Render { file, out } => offline::render(&printer, g, &file, &out),

@@ -8,6 +8,58 @@ use super::{CmdError, load_lab, offline_inputs, templates};
 use crate::cli::GlobalArgs;
 use crate::output::Printer;
 
+/// Example labs embedded in the binary (the files in labs/, which the tests also validate).
+pub const EXAMPLES: &[(&str, &str)] = &[
+    ("local", include_str!("../../labs/local.toml")),
+    ("quickstart", include_str!("../../labs/quickstart.toml")),
+    ("plain-vms", include_str!("../../labs/plain-vms.toml")),
+    ("seed-000-kubespray-hyperv", include_str!("../../labs/seed-000-kubespray-hyperv.toml")),
+    ("seed-001-ha", include_str!("../../labs/seed-001-ha.toml")),
+    ("seed-004-bridge", include_str!("../../labs/seed-004-bridge.toml")),
+];
+
+pub fn init(p: &Printer, file: &Path, example: &str, list: bool, force: bool) -> Result<(), CmdError> {
+    if list {
+        for (name, text) in EXAMPLES {
+            let about = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches('#')
+                .trim();
+            p.line(format!("{name:<28} {about}"));
+        }
+        return Ok(());
+    }
+    let Some((_, text)) = EXAMPLES.iter().find(|(n, _)| *n == example) else {
+        return Err(CmdError::user(
+            format!("no embedded example named `{example}`"),
+            format!(
+                "examples: {}",
+                EXAMPLES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    };
+    if file.exists() && !force {
+        return Err(CmdError::user(
+            format!("{} exists", file.display()),
+            "pass --force to overwrite it, or name another file",
+        ));
+    }
+    std::fs::write(file, text).map_err(|e| {
+        CmdError::user(
+            format!("cannot write {}: {e}", file.display()),
+            "choose a writable path",
+        )
+    })?;
+    p.line(format!(
+        "wrote {} (example `{example}`); next: klab up {}",
+        file.display(),
+        file.display()
+    ));
+    Ok(())
+}
+
 pub fn validate(p: &Printer, file: &Path) -> Result<(), CmdError> {
     let lab = load_lab(file)?;
     if p.is_json() {
