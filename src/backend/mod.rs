@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
+pub mod fake;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
-pub mod fake;
 pub mod xml;
 
 /// What the hypervisor offers, for `[host] accel = "auto"`.

@@ -3,9 +3,9 @@
 //! same way. Namespaces are matched by URI, never by prefix: a foreign element that happens to
 //! use the prefix `klab` is not ours.
 
+use quick_xml::XmlVersion;
 use quick_xml::events::Event;
 use quick_xml::name::ResolveResult;
-use quick_xml::XmlVersion;
 use quick_xml::reader::NsReader;
 
 use super::{AccelSupport, OwnerTag};
@@ -78,10 +78,7 @@ pub fn parse(xml: &str) -> Result<Element, XmlError> {
                         .normalized_value(XmlVersion::Implicit1_0)
                         .map_err(|e| XmlError(e.to_string()))?
                         .into_owned();
-                    attrs.push((
-                        key.local_name().as_ref().to_string(),
-                        value,
-                    ));
+                    attrs.push((key.local_name().as_ref().to_string(), value));
                 }
                 let element = Element {
                     ns,
@@ -369,7 +366,10 @@ mod tests {
             owner_tag_from_metadata_element("<k:lab xmlns:k='urn:other' name='demo'/>"),
             None
         );
-        assert_eq!(owner_tag_from_metadata_element("<other name='demo'/>"), None);
+        assert_eq!(
+            owner_tag_from_metadata_element("<other name='demo'/>"),
+            None
+        );
         assert_eq!(owner_tag_from_metadata_element("not xml <"), None);
     }
 
