@@ -73,21 +73,6 @@ fn fail(op: &'static str, kind: &'static str, name: &str, err: VirtError) -> Bac
     BackendError::op(op, kind, name, err.message())
 }
 
-/// Checks that the XML defines the object the caller named, so a template mix-up cannot
-/// create (and later delete) an object under an unexpected name.
-fn check_name(op: &'static str, kind: &'static str, name: &str, doc: &str) -> Result<()> {
-    match xml::object_name(doc) {
-        Some(found) if found == name => Ok(()),
-        Some(found) => Err(BackendError::op(
-            op,
-            kind,
-            name,
-            format!("the XML defines `{found}` instead"),
-        )),
-        None => Err(BackendError::op(op, kind, name, "the XML has no <name>")),
-    }
-}
-
 fn map_state(state: Enum<virt::domain::DomainState, sys::virDomainState>) -> DomainState {
     use virt::domain::DomainState as S;
     match state {
@@ -442,7 +427,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn ensure_network(&self, name: &str, xml: &str) -> Result<()> {
-        check_name("define", "network", name, xml)?;
+        xml::check_name("define", "network", name, xml)?;
         let net = match self.lookup_network(name)? {
             Some(net) => {
                 if net
@@ -511,7 +496,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn ensure_pool(&self, name: &str, xml: &str, lab: &str) -> Result<()> {
-        check_name("define", "pool", name, xml)?;
+        xml::check_name("define", "pool", name, xml)?;
         let tag = pool_tag_volume(lab);
         let pool = match self.lookup_pool(name)? {
             Some(pool) => {
@@ -670,7 +655,7 @@ impl Backend for LibvirtBackend {
     }
 
     fn define_and_start(&self, name: &str, xml: &str) -> Result<()> {
-        check_name("define", "domain", name, xml)?;
+        xml::check_name("define", "domain", name, xml)?;
         if let Some(dom) = self.lookup_domain(name)? {
             if dom
                 .is_active()

@@ -8,7 +8,7 @@ use quick_xml::events::Event;
 use quick_xml::name::ResolveResult;
 use quick_xml::reader::NsReader;
 
-use super::{AccelSupport, OwnerTag};
+use super::{AccelSupport, BackendError, OwnerTag};
 use crate::plan::OWNER_NS;
 
 /// A parsed XML element: namespace URI (if bound), local name, attributes by local name
@@ -241,6 +241,44 @@ pub fn domain_disk_sources(xml: &str) -> Vec<DiskSource> {
         .collect()
 }
 
+/// Networks named by `<interface type='network'><source network='…'/>` of a domain document.
+pub fn domain_networks(xml: &str) -> Vec<String> {
+    let Ok(root) = parse(xml) else {
+        return Vec::new();
+    };
+    let Some(devices) = root.child("devices") else {
+        return Vec::new();
+    };
+    devices
+        .children_named("interface")
+        .filter(|i| i.attr("type") == Some("network"))
+        .filter_map(|i| i.child("source")?.attr("network").map(str::to_string))
+        .collect()
+}
+
+/// Checks that `doc` defines the object the caller named, so a template mix-up cannot create
+/// (and later delete) an object under an unexpected name.
+pub fn check_name(
+    op: &'static str,
+    kind: &'static str,
+    name: &str,
+    doc: &str,
+) -> Result<(), BackendError> {
+    match parse(doc) {
+        Err(e) => Err(BackendError::op(op, kind, name, e)),
+        Ok(root) => match root.child_text("name") {
+            Some(found) if found == name => Ok(()),
+            Some(found) => Err(BackendError::op(
+                op,
+                kind,
+                name,
+                format!("the XML defines `{found}` instead"),
+            )),
+            None => Err(BackendError::op(op, kind, name, "the XML has no <name>")),
+        },
+    }
+}
+
 /// `<bridge name='…'/>` of a network document.
 pub fn network_bridge(xml: &str) -> Option<String> {
     parse(xml)
@@ -411,6 +449,19 @@ mod tests {
                 DiskSource::File("/p/cp1-seed.img".into()),
             ]
         );
+        assert_eq!(domain_networks(dom), vec!["n".to_string()]);
+        let with_nics = "<domain><name>d</name><devices>\
+                         <interface type='network'><source network='klab-demo-ext'/></interface>\
+                         <interface type='bridge'><source bridge='br0'/></interface>\
+                         </devices></domain>";
+        assert_eq!(
+            domain_networks(with_nics),
+            vec!["klab-demo-ext".to_string()]
+        );
+        assert!(check_name("define", "domain", "d", with_nics).is_ok());
+        let err = check_name("define", "domain", "e", with_nics).unwrap_err();
+        assert!(err.to_string().contains("`e`") && err.to_string().contains("`d`"));
+        assert!(check_name("define", "domain", "d", "<domain>").is_err());
         let net = "<network><name>n</name><bridge name='kl-0a1b2c3d' stp='on'/></network>";
         assert_eq!(network_bridge(net).as_deref(), Some("kl-0a1b2c3d"));
         assert_eq!(network_bridge("<network><name>n</name></network>"), None);
