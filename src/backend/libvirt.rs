@@ -100,6 +100,12 @@ impl LibvirtBackend {
         })
     }
 
+    /// The underlying connection, for libvirt APIs the [`Backend`] trait does not cover
+    /// (consoles, interface addresses) and for tests that need to poke the same driver instance.
+    pub fn virt_connect(&self) -> Result<&Connect> {
+        self.conn()
+    }
+
     fn conn(&self) -> Result<&Connect> {
         self.conn.0.as_ref().ok_or_else(|| {
             BackendError::Other(format!("libvirt connection to {} is closed", self.uri))

@@ -5,3 +5,4 @@ mod e2e;
 mod invalid;
 mod labs_plan;
 mod render_validate;
+mod seed;
