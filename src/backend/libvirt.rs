@@ -506,15 +506,13 @@ impl Backend for LibvirtBackend {
         let tag = pool_tag_volume(lab);
         let pool = match self.lookup_pool(name)? {
             Some(pool) => {
-                if !pool
+                let active = pool
                     .is_active()
-                    .map_err(|e| fail("inspect", "pool", name, e))?
-                {
-                    if pool.create(0).is_err() {
-                        // The directory may have gone missing; build recreates it.
-                        pool.build(0).map_err(|e| fail("build", "pool", name, e))?;
-                        pool.create(0).map_err(|e| fail("start", "pool", name, e))?;
-                    }
+                    .map_err(|e| fail("inspect", "pool", name, e))?;
+                // The directory may have gone missing; build recreates it.
+                if !active && pool.create(0).is_err() {
+                    pool.build(0).map_err(|e| fail("build", "pool", name, e))?;
+                    pool.create(0).map_err(|e| fail("start", "pool", name, e))?;
                 }
                 let volumes = Self::pool_volumes(&pool, name)?;
                 if volumes.iter().any(|(v, _)| *v == tag) {
