@@ -20,5 +20,6 @@ pub mod paths;
 pub mod plan;
 pub mod provision;
 pub mod reconcile;
+pub mod seed;
 pub mod state;
 pub mod verify;

@@ -6,6 +6,7 @@ use serde::Serialize;
 pub mod fake;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
+pub mod xml;
 
 /// What the hypervisor offers, for `[host] accel = "auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -26,6 +27,14 @@ pub enum BackendError {
         kind: &'static str,
         name: String,
         message: String,
+    },
+    /// The backend (or this libvirt driver) cannot do this operation at all.
+    #[error("{op} {kind} `{name}`: not supported by {backend}")]
+    Unsupported {
+        op: &'static str,
+        kind: &'static str,
+        name: String,
+        backend: String,
     },
     #[error("{0}")]
     Other(String),

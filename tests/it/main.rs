@@ -5,4 +5,5 @@ mod e2e;
 mod invalid;
 mod labs_plan;
 mod render_validate;
+mod seed;
 mod ssh;
