@@ -11,3 +11,4 @@ pub mod config;
 pub mod model;
 pub mod plan;
 pub mod provision;
+pub mod render;

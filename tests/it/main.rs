@@ -4,4 +4,5 @@ mod backend_test_driver;
 mod e2e;
 mod invalid;
 mod labs_plan;
+mod purity;
 mod render_validate;
