@@ -43,8 +43,11 @@ pub fn plan(lab: &Lab, inputs: &PlanInputs) -> LabPlan {
         .unwrap_or_default();
 
     // The instance-id covers everything the node's seed is rendered from, so it is computed last.
+    // Hosts are shared by every seed: hash them once, not once per node.
+    let hosts_hash =
+        names::sha256_hex(serde_json::to_string(&hosts).unwrap_or_default().as_bytes());
     for node in &mut nodes {
-        node.instance_id = instance_id(node, &hosts, inputs.keys.as_ref());
+        node.instance_id = instance_id(node, &hosts_hash, inputs.keys.as_ref());
     }
 
     LabPlan {
@@ -311,12 +314,12 @@ struct SeedInputs<'a> {
     domain: &'a str,
     user: &'a str,
     nics: &'a [NicSpec],
-    hosts: &'a [HostEntry],
+    hosts_hash: &'a str,
     user_public_key: Option<&'a str>,
     host_public_key: Option<&'a str>,
 }
 
-fn instance_id(node: &NodeSpec, hosts: &[HostEntry], keys: Option<&KeyMaterial>) -> String {
+fn instance_id(node: &NodeSpec, hosts_hash: &str, keys: Option<&KeyMaterial>) -> String {
     let host_key = keys.and_then(|k| {
         k.host_keys
             .iter()
@@ -328,7 +331,7 @@ fn instance_id(node: &NodeSpec, hosts: &[HostEntry], keys: Option<&KeyMaterial>)
         domain: &node.domain,
         user: &node.user,
         nics: &node.nics,
-        hosts,
+        hosts_hash,
         user_public_key: keys.map(|k| k.user_public_key.as_str()),
         host_public_key: host_key,
     };
@@ -336,4 +339,307 @@ fn instance_id(node: &NodeSpec, hosts: &[HostEntry], keys: Option<&KeyMaterial>)
     let data = serde_json::to_vec(&inputs).unwrap_or_else(|_| format!("{:?}", node).into_bytes());
     let hash = names::sha256_hex(&data);
     format!("{}-{}", node.domain, &hash[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Accel;
+
+    fn ha() -> (Lab, LabPlan) {
+        let lab = fixtures::ha_lab();
+        let p = plan(&lab, &fixtures::inputs(&lab.name));
+        (lab, p)
+    }
+
+    fn ids(p: &LabPlan) -> Vec<&str> {
+        p.steps.iter().map(|s| s.id.as_str()).collect()
+    }
+
+    #[test]
+    fn names_paths_and_ownership_follow_conventions() {
+        let (_, p) = ha();
+        assert_eq!(p.prefix, "klab-demo");
+        assert_eq!(p.owner.namespace, OWNER_NS);
+        assert_eq!(p.accel, Accel::Auto);
+        assert_eq!(
+            p.pool,
+            PoolSpec {
+                name: "klab-demo".into(),
+                path: "/var/lib/klab/pools/demo".into(),
+                owned: true
+            }
+        );
+        let cp1 = p.node("cp1").expect("cp1");
+        assert_eq!(cp1.domain, "klab-demo-cp1");
+        assert_eq!(cp1.overlay.name, "cp1.qcow2");
+        assert_eq!(cp1.overlay.path, "/var/lib/klab/pools/demo/cp1.qcow2");
+        assert_eq!(cp1.overlay.capacity_bytes, 20 * GIB);
+        assert_eq!(cp1.overlay.format, VolumeFormat::Qcow2);
+        assert_eq!(
+            cp1.overlay.backing.as_deref(),
+            Some("/var/lib/klab/images/debian-12.qcow2")
+        );
+        assert_eq!(cp1.seed.name, "cp1-seed.img");
+        assert_eq!(cp1.seed.format, VolumeFormat::Raw);
+        assert_eq!(cp1.console_log, "/var/lib/klab/console/klab-demo-cp1.log");
+        let cluster = p.network("cluster").expect("cluster");
+        assert_eq!(cluster.name, "klab-demo-cluster");
+        assert_eq!(cluster.bridge, names::bridge_name("demo", "cluster"));
+        assert_eq!(cluster.host_ip, Some(Ipv4Addr::new(10, 10, 1, 1)));
+        assert_eq!(cluster.netmask, Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(
+            (cluster.address, cluster.prefix),
+            (Ipv4Addr::new(10, 10, 1, 0), 24)
+        );
+        let lan = p.network("lan").expect("lan");
+        assert_eq!((lan.bridge.as_str(), lan.host_ip), ("br0", None));
+    }
+
+    #[test]
+    fn nics_get_ifnames_macs_and_only_nic1_routes() {
+        let (_, p) = ha();
+        let w1 = p.node("w1").expect("w1");
+        let ifnames: Vec<&str> = w1.nics.iter().map(|n| n.ifname.as_str()).collect();
+        assert_eq!(ifnames, ["ext0", "lab0", "net2"]);
+        assert_eq!(w1.nics[0].mac, mac::mac("demo", "w1", 0));
+        assert_eq!(w1.nics[0].libvirt_network, "klab-demo-outside");
+        assert_eq!(w1.nics[0].gateway, Some(Ipv4Addr::new(192, 168, 150, 1)));
+        // NAT without explicit DNS: libvirt's forwarder on the gateway.
+        assert_eq!(w1.nics[0].dns, vec![Ipv4Addr::new(192, 168, 150, 1)]);
+        assert_eq!(w1.nics[0].mtu, Some(1500));
+        for nic in &w1.nics[1..] {
+            assert_eq!(nic.gateway, None);
+            assert!(nic.dns.is_empty());
+        }
+        assert_eq!(w1.nics[1].mtu, Some(1450));
+        assert_eq!(w1.ssh_address, Ipv4Addr::new(192, 168, 150, 20));
+        assert_eq!(w1.cluster_ip, Ipv4Addr::new(10, 10, 1, 20));
+        let macs: std::collections::BTreeSet<&str> = p
+            .nodes
+            .iter()
+            .flat_map(|n| n.nics.iter().map(|x| x.mac.as_str()))
+            .collect();
+        assert_eq!(
+            macs.len(),
+            p.nodes.iter().map(|n| n.nics.len()).sum::<usize>()
+        );
+    }
+
+    #[test]
+    fn plain_lab_uses_nic1_and_a_configured_pool() {
+        let lab = fixtures::plain_lab();
+        let p = plan(&lab, &fixtures::inputs(&lab.name));
+        assert_eq!(
+            p.pool,
+            PoolSpec {
+                name: "default".into(),
+                path: String::new(),
+                owned: false
+            }
+        );
+        let vm1 = p.node("vm1").expect("vm1");
+        assert_eq!(vm1.overlay.path, "");
+        assert_eq!(vm1.cluster_ip, Ipv4Addr::new(192, 168, 182, 30));
+        let ifnames: Vec<&str> = vm1.nics.iter().map(|n| n.ifname.as_str()).collect();
+        assert_eq!(ifnames, ["ext0", "net1"]);
+        // Bridge network: the configured servers, gateway from the lab file.
+        assert_eq!(vm1.nics[0].dns.len(), 2);
+        assert_eq!(vm1.nics[0].gateway, Some(Ipv4Addr::new(192, 168, 182, 1)));
+        assert!(p.kubernetes.is_none());
+        assert!(p.steps.is_empty());
+        let hosts: Vec<(Ipv4Addr, Vec<String>)> =
+            p.hosts.iter().map(|h| (h.ip, h.names.clone())).collect();
+        assert_eq!(
+            hosts,
+            vec![
+                (Ipv4Addr::new(192, 168, 182, 30), vec!["vm1".to_string()]),
+                (Ipv4Addr::new(192, 168, 182, 31), vec!["vm2".to_string()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn hosts_cover_every_node_and_the_vip_sorted_by_address() {
+        let (lab, p) = ha();
+        assert_eq!(p.hosts.len(), lab.nodes.len() + 1);
+        let ips: Vec<Ipv4Addr> = p.hosts.iter().map(|h| h.ip).collect();
+        let mut sorted = ips.clone();
+        sorted.sort();
+        assert_eq!(ips, sorted);
+        let vip = p.hosts.last().expect("vip entry");
+        assert_eq!(vip.ip, Ipv4Addr::new(10, 10, 1, 100));
+        assert_eq!(vip.names, ["demo-api", "k8s-api"]);
+    }
+
+    #[test]
+    fn kubernetes_spec_for_ha() {
+        let (_, p) = ha();
+        let k = p.kubernetes.as_ref().expect("kubernetes");
+        assert_eq!(k.minor, "v1.32");
+        assert_eq!(k.control_plane_endpoint, "10.10.1.100:6443");
+        assert_eq!(k.init_node, "cp1");
+        assert_eq!(k.control_planes, ["cp1", "cp2", "cp3"]);
+        assert_eq!(k.workers, ["w1", "w2"]);
+        assert_eq!(
+            k.cert_sans,
+            [
+                "10.10.1.100",
+                "10.10.1.10",
+                "cp1",
+                "10.10.1.11",
+                "cp2",
+                "10.10.1.12",
+                "cp3",
+                "127.0.0.1"
+            ]
+        );
+        assert_eq!(k.cluster_ifname, "lab0");
+        assert_eq!(k.calico_autodetect, "interface=lab0");
+        assert_eq!(k.pod_cidr, "10.244.0.0/16");
+        assert_eq!(
+            ids(&p),
+            [
+                "preflight",
+                "containerd",
+                "kubernetes-packages",
+                "kube-vip",
+                "kubeadm-init",
+                "join-control-plane",
+                "join-workers",
+                "calico",
+                "wait-ready",
+                "kubeconfig"
+            ]
+        );
+        let join_cp = &p.steps[5];
+        assert_eq!(
+            (join_cp.nodes.as_slice(), join_cp.serial),
+            (&["cp2".to_string(), "cp3".to_string()][..], true)
+        );
+        assert!(!p.steps[0].serial);
+        assert_eq!(p.steps[0].nodes.len(), 5);
+        assert_eq!(p.steps[3].nodes, ["cp1", "cp2", "cp3"]);
+    }
+
+    #[test]
+    fn single_control_plane_without_vip() {
+        let lab = fixtures::generated_lab(3);
+        let p = plan(&lab, &fixtures::inputs(&lab.name));
+        let k = p.kubernetes.as_ref().expect("kubernetes");
+        let cp1 = p.node("cp1").expect("cp1");
+        assert_eq!(k.control_plane_endpoint, format!("{}:6443", cp1.cluster_ip));
+        assert_eq!(
+            k.cert_sans,
+            [cp1.cluster_ip.to_string(), "cp1".into(), "127.0.0.1".into()]
+        );
+        assert!(!ids(&p).contains(&"kube-vip"));
+        assert!(!ids(&p).contains(&"join-control-plane"));
+        assert!(ids(&p).contains(&"join-workers"));
+        assert_eq!(minor_of("1.31.4"), "v1.31");
+        assert_eq!(minor_of("v1.30"), "v1.30");
+    }
+
+    #[test]
+    fn images_resolve_cache_paths_local_builds_and_nocloud() {
+        let lab = fixtures::ha_lab();
+        let mut inputs = fixtures::inputs(&lab.name);
+        let p = plan(&lab, &inputs);
+        let deb = p
+            .images
+            .iter()
+            .find(|i| i.key == "debian-12")
+            .expect("debian");
+        assert_eq!(deb.base_path, "/var/lib/klab/images/debian-12.qcow2");
+        assert!(deb.url.is_some() && deb.kernel.is_none() && deb.cmdline.is_none());
+        let custom = p.images.iter().find(|i| i.key == "custom").expect("custom");
+        assert_eq!(custom.base_path, "/var/lib/klab/images/custom.qcow2");
+        assert_eq!(
+            custom.cmdline.as_deref(),
+            Some("root=/dev/vda rw console=ttyS0 ds=nocloud")
+        );
+
+        inputs.local_images.push(LocalImage {
+            key: "debian-12".into(),
+            path: "/cache/debian-12-local.qcow2".into(),
+            kernel: Some("/cache/vmlinuz".into()),
+            initrd: Some("/cache/initrd".into()),
+            cmdline: Some("root=/dev/vda rw ds=nocloud;s=x".into()),
+        });
+        let p = plan(&lab, &inputs);
+        let deb = p
+            .images
+            .iter()
+            .find(|i| i.key == "debian-12")
+            .expect("debian");
+        assert_eq!(deb.base_path, "/cache/debian-12-local.qcow2");
+        assert_eq!(
+            (deb.url.as_deref(), deb.kernel.as_deref()),
+            (None, Some("/cache/vmlinuz"))
+        );
+        assert_eq!(
+            deb.cmdline.as_deref(),
+            Some("root=/dev/vda rw ds=nocloud;s=x")
+        );
+        assert_eq!(
+            p.node("cp1").and_then(|n| n.overlay.backing.as_deref()),
+            Some("/cache/debian-12-local.qcow2")
+        );
+        assert_eq!(with_nocloud(None), "ds=nocloud");
+        assert_eq!(with_nocloud(Some("  ")), "ds=nocloud");
+    }
+
+    #[test]
+    fn instance_id_tracks_seed_inputs() {
+        let lab = fixtures::ha_lab();
+        let mut inputs = fixtures::inputs(&lab.name);
+        let a = plan(&lab, &inputs);
+        let id = &a.node("cp1").expect("cp1").instance_id;
+        assert!(id.starts_with("klab-demo-cp1-"));
+        assert_eq!(id.len(), "klab-demo-cp1-".len() + 12);
+        assert!(
+            id["klab-demo-cp1-".len()..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit())
+        );
+        assert_eq!(
+            &plan(&lab, &inputs).node("cp1").expect("cp1").instance_id,
+            id
+        );
+
+        inputs.keys = Some(fixtures::test_keys(&lab));
+        let b = plan(&lab, &inputs);
+        assert_ne!(&b.node("cp1").expect("cp1").instance_id, id);
+
+        let mut lab2 = lab.clone();
+        lab2.nodes[0].nics[1].ip = Ipv4Addr::new(10, 10, 1, 50);
+        let c = plan(&lab2, &fixtures::inputs(&lab.name));
+        assert_ne!(&c.node("cp1").expect("cp1").instance_id, id);
+        // Other inputs (accel, paths) do not touch the seed.
+        let mut other = fixtures::inputs(&lab.name);
+        other.accel = Accel::Kvm;
+        other.console_dir = "/elsewhere".into();
+        assert_eq!(
+            &plan(&lab, &other).node("cp1").expect("cp1").instance_id,
+            id
+        );
+    }
+
+    #[test]
+    fn plan_is_total_on_degenerate_labs() {
+        let mut lab = fixtures::ha_lab();
+        for n in &mut lab.nodes {
+            n.nics.clear();
+            n.role = Role::Worker;
+        }
+        lab.images.clear();
+        let p = plan(&lab, &fixtures::inputs(&lab.name));
+        assert_eq!(
+            p.node("cp1").expect("cp1").ssh_address,
+            Ipv4Addr::UNSPECIFIED
+        );
+        assert_eq!(p.node("cp1").expect("cp1").overlay.backing, None);
+        assert_eq!(p.kubernetes.as_ref().expect("k").init_node, "");
+        assert!(!ids(&p).contains(&"kubeadm-init"));
+    }
 }

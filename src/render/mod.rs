@@ -253,18 +253,46 @@ pub fn render_lab(
         .iter()
         .map(|n| Ok((n.name.clone(), render_network(plan, n, t)?)))
         .collect::<Result<Vec<_>, RenderError>>()?;
-    let hosts = value::to_value(&plan.hosts);
-    let pool_value = value::to_value(&plan.pool);
+    let shared = Shared {
+        hosts: value::to_value(&plan.hosts),
+        etc_hosts: Value::from(etc_hosts(plan)),
+        pool: value::to_value(&plan.pool),
+        kubernetes: value::to_value(&plan.kubernetes),
+    };
     let nodes = plan
         .nodes
         .iter()
-        .map(|n| render_node(plan, n, keys, &hosts, &pool_value, t))
+        .map(|n| render_node(plan, n, keys, &shared, t))
         .collect::<Result<Vec<_>, RenderError>>()?;
     Ok(RenderedLab {
         pool,
         networks,
         nodes,
     })
+}
+
+/// Template values every node shares, converted once per lab rather than once per node.
+struct Shared {
+    hosts: Value,
+    etc_hosts: Value,
+    pool: Value,
+    kubernetes: Value,
+}
+
+/// The full `/etc/hosts` every node gets: loopback lines, then the plan's entries.
+pub fn etc_hosts(plan: &LabPlan) -> String {
+    let mut out = String::from(
+        "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\nff02::1 ip6-allnodes\nff02::2 ip6-allrouters\n",
+    );
+    for h in &plan.hosts {
+        out.push_str(&h.ip.to_string());
+        for n in &h.names {
+            out.push(' ');
+            out.push_str(n);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 fn render_network(plan: &LabPlan, n: &NetworkSpec, t: &Templates) -> Result<String, RenderError> {
@@ -286,8 +314,7 @@ fn render_node(
     plan: &LabPlan,
     node: &NodeSpec,
     keys: Option<&KeyMaterial>,
-    hosts: &Value,
-    pool: &Value,
+    shared: &Shared,
     t: &Templates,
 ) -> Result<RenderedNode, RenderError> {
     let object = format!("node `{}`", node.name);
@@ -323,7 +350,7 @@ fn render_node(
         owner_prefix => OWNER_PREFIX,
         node => node_value.clone(),
         image => value::to_value(&image),
-        pool => pool.clone(),
+        pool => shared.pool.clone(),
         domain_type => if kvm { "kvm" } else { "qemu" },
         cpu_passthrough => kvm,
     };
@@ -336,10 +363,11 @@ fn render_node(
     let seed_ctx = minijinja::context! {
         lab => &plan.lab,
         node => node_value,
-        hosts => hosts.clone(),
+        hosts => shared.hosts.clone(),
+        etc_hosts => shared.etc_hosts.clone(),
         user_public_key => user_key,
         host_key => minijinja::context! { private => host_private, public => host_public },
-        kubernetes => value::to_value(&plan.kubernetes),
+        kubernetes => shared.kubernetes.clone(),
     };
     Ok(RenderedNode {
         name: node.name.clone(),
