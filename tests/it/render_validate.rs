@@ -164,3 +164,37 @@ fn kvm_accel_renders_kvm_with_host_passthrough() {
     let tmp = tempfile::tempdir().expect("tempdir");
     validate_files("kvm", &files, tmp.path());
 }
+
+/// The same network-config through the other renderers cloud-init uses (Alma: sysconfig and
+/// NetworkManager, Ubuntu: netplan), on the three-NIC worker of the HA fixture.
+#[test]
+fn network_config_converts_for_every_guest_renderer() {
+    let (_, r) = render_with_test_keys(&fixtures::ha_lab());
+    let w1 = r.nodes.iter().find(|n| n.name == "w1").expect("w1");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = tmp.path().join("network-config");
+    std::fs::write(&input, &w1.seed.network_config).expect("write");
+    let input = input.to_string_lossy().into_owned();
+    for (distro, kind) in [
+        ("almalinux", "sysconfig"),
+        ("almalinux", "network-manager"),
+        ("ubuntu", "netplan"),
+    ] {
+        let out = tmp.path().join(kind).to_string_lossy().into_owned();
+        let args = [
+            "devel",
+            "net-convert",
+            "-p",
+            &input,
+            "-k",
+            "yaml",
+            "-D",
+            distro,
+            "-d",
+            &out,
+            "-O",
+            kind,
+        ];
+        run("cloud-init", &args, &format!("w1 network-config as {kind}"));
+    }
+}
