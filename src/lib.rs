@@ -23,3 +23,4 @@ pub mod reconcile;
 pub mod seed;
 pub mod state;
 pub mod verify;
+pub mod render;

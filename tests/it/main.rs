@@ -4,6 +4,7 @@ mod backend_test_driver;
 mod e2e;
 mod invalid;
 mod labs_plan;
+mod purity;
 mod render_validate;
 mod seed;
 mod ssh;
