@@ -1,21 +1,180 @@
 //! Lab file loading and validation: `lab.toml` → [`crate::model::Lab`], or every error found,
 //! each with file, line, column, field and a hint.
+//!
+//! Three passes over the text, all pure: TOML syntax (one error, it stops everything), unknown keys
+//! (walked against the lab file's JSON Schema), then deserialization into [`raw`] and semantic
+//! validation, which collects every error in one run.
 
 mod diagnostic;
+mod keys;
+pub mod raw;
+pub mod units;
+mod validate;
+
+use std::path::{Path, PathBuf};
 
 pub use diagnostic::{Diagnostic, Diagnostics};
 
 use crate::model::Lab;
 
+/// Reading a lab file from disk failed, or its content is not a valid lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read lab file {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Displays every diagnostic, one per line (with hints).
+    #[error(transparent)]
+    Invalid(#[from] Diagnostics),
+}
+
+/// Read and validate a lab file. Messages name the file as `path` is written.
+pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
+    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_str(&src, &path.display().to_string())?)
+}
+
 /// Parse and validate lab-file text. `file` is the name used in messages. Pure (no I/O).
 pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
-    let _ = src;
-    Err(Diagnostics(vec![Diagnostic {
-        file: file.to_string(),
-        line: 1,
-        col: 1,
-        field: String::new(),
-        message: "lab file parsing is not implemented yet".into(),
-        hint: None,
-    }]))
+    let mut ctx = validate::Ctx::new(src, file);
+    let table = match toml::de::DeTable::parse(src) {
+        Ok(t) => t,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            ctx.report(&span, "", format!("TOML syntax error: {}", e.message().trim_end()), None);
+            return Err(finish(ctx.diags));
+        }
+    };
+    let schema = schema_json();
+    for u in keys::unknown_keys(table.get_ref(), &schema) {
+        let message = if u.owner.is_empty() {
+            format!("unknown key `{}`", u.key)
+        } else {
+            format!("unknown key `{}` in {}", u.key, u.owner)
+        };
+        let hint = match &u.suggestion {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if u.known.is_empty() => "remove it".to_string(),
+            None => format!(
+                "valid keys here: {}",
+                u.known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+            ),
+        };
+        ctx.report(&u.span, &u.path, message, Some(hint));
+    }
+    let cfg: raw::LabConfig = match toml::from_str(src) {
+        Ok(c) => c,
+        Err(e) => {
+            // A value of the wrong shape (a string where a table belongs): nothing below it can be
+            // checked, so this is reported with the unknown keys and nothing else.
+            let span = e.span().unwrap_or(0..0);
+            ctx.report(&span, "", shape_message(e.message()), None);
+            return Err(finish(ctx.diags));
+        }
+    };
+    match validate::validate(&cfg, &mut ctx) {
+        Some(lab) if ctx.diags.is_empty() => Ok(lab),
+        _ => Err(finish(ctx.diags)),
+    }
+}
+
+/// serde's wording (`expected struct NicConfig`) in the lab file's terms.
+fn shape_message(msg: &str) -> String {
+    let mut out = msg.trim_end().to_string();
+    if let Some(pos) = out.find("expected struct ") {
+        out.replace_range(pos.., "expected a table");
+    }
+    format!("wrong type: {out}")
+}
+
+fn finish(mut diags: Vec<Diagnostic>) -> Diagnostics {
+    // Stable: errors at the same position keep the order they were found in.
+    diags.sort_by_key(|d| (d.line, d.col));
+    diags.dedup();
+    Diagnostics(diags)
+}
+
+/// JSON Schema (draft 2020-12) of the lab file, for editors and `klab schema`.
+pub fn schema_json() -> serde_json::Value {
+    schemars::schema_for!(raw::LabConfig).to_value()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "t"
+[networks.net]
+mode = "isolated"
+cidr = "10.1.0.0/24"
+[[nodes]]
+name = "a"
+nics = [ { network = "net" } ]
+"#;
+
+    #[test]
+    fn minimal_lab_gets_defaults() {
+        let lab = parse_str(MIN, "lab.toml").unwrap();
+        assert_eq!(lab.name, "t");
+        let n = &lab.nodes[0];
+        assert_eq!(n.cpus, crate::model::defaults::CPUS);
+        assert_eq!(n.memory_mib, crate::model::defaults::MEMORY_MIB);
+        assert_eq!(n.image, crate::model::defaults::IMAGE);
+        assert_eq!(n.nics[0].ip.to_string(), "10.1.0.2");
+        assert_eq!(lab.networks[0].gateway.to_string(), "10.1.0.1");
+        assert!(lab.images.contains_key("debian-12"));
+        assert!(lab.kubernetes.is_none());
+    }
+
+    #[test]
+    fn syntax_error_is_one_diagnostic() {
+        let e = parse_str("name = \n", "x.toml").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!((e.0[0].line, e.0[0].col), (1, 8));
+        assert!(e.0[0].message.starts_with("TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn shape_error_keeps_unknown_keys() {
+        let e = parse_str("name = \"t\"\nnodez = 1\nnodes = 3\n", "x.toml").unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![2, 3], "{e}");
+    }
+
+    #[test]
+    fn schema_describes_the_file() {
+        let s = schema_json();
+        let props = s["properties"].as_object().unwrap();
+        for k in ["name", "host", "defaults", "images", "networks", "nodes", "kubernetes", "timeouts"] {
+            assert!(props.contains_key(k), "{k}");
+        }
+        assert_eq!(s["additionalProperties"], serde_json::Value::Bool(false));
+        assert!(s["required"].as_array().unwrap().contains(&"name".into()));
+        let node = &s["$defs"]["NodeConfig"]["properties"];
+        assert_eq!(node["cpus"]["type"], serde_json::json!(["integer", "null"]));
+    }
+
+    #[test]
+    fn every_lab_in_labs_validates() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/labs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let src = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse_str(&src, &path.display().to_string()) {
+                    panic!("{e}");
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "expected the example labs, found {n}");
+    }
 }
