@@ -47,7 +47,8 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
         Ok(t) => t,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            ctx.report(&span, "", format!("TOML syntax error: {}", e.message().trim_end()), None);
+            let hint = bare_word(src, span.start).map(|w| format!("strings must be quoted: \"{w}\""));
+            ctx.report(&span, "", format!("TOML syntax error: {}", e.message().trim_end()), hint);
             return Err(finish(ctx.diags));
         }
     };
@@ -67,6 +68,10 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
             ),
         };
         ctx.report(&u.span, &u.path, message, Some(hint));
+        if let Some(s) = &u.suggestion {
+            let parent = u.path[..u.path.len() - u.key.len()].trim_end_matches('.');
+            ctx.suggested.insert(if parent.is_empty() { s.clone() } else { format!("{parent}.{s}") });
+        }
     }
     let cfg: raw::LabConfig = match toml::from_str(src) {
         Ok(c) => c,
@@ -84,9 +89,23 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
     }
 }
 
+/// The unquoted word a syntax error points at, when it follows `=` (`mode = nat`).
+fn bare_word(src: &str, at: usize) -> Option<&str> {
+    let rest = src.get(at..)?;
+    let len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/')))
+        .unwrap_or(rest.len());
+    let word = &rest[..len];
+    let before = src.get(..at)?.trim_end_matches([' ', '\t']);
+    let starts_alpha = word.starts_with(|c: char| c.is_ascii_alphabetic());
+    let keyword = matches!(word, "true" | "false" | "inf" | "nan");
+    (before.ends_with('=') && starts_alpha && !keyword).then_some(word)
+}
+
 /// serde's wording (`expected struct NicConfig`) in the lab file's terms.
 fn shape_message(msg: &str) -> String {
-    let mut out = msg.trim_end().to_string();
+    let msg = msg.trim_end();
+    let mut out = msg.strip_prefix("invalid type: ").unwrap_or(msg).to_string();
     if let Some(pos) = out.find("expected struct ") {
         out.replace_range(pos.., "expected a table");
     }

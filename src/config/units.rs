@@ -7,6 +7,8 @@ use std::time::Duration;
 pub enum UnitError {
     /// Not `<integer><unit>`.
     Syntax,
+    /// A bare number where a unit is required.
+    NoUnit,
     /// A unit other than the accepted ones (the unit as written).
     Unit(String),
     /// A decimal number (`"1.5GiB"`).
@@ -42,7 +44,7 @@ pub fn parse_size_mib(s: &str) -> Result<u64, UnitError> {
     let mib = match unit {
         "MiB" => n,
         "GiB" => n.checked_mul(1024).ok_or(UnitError::TooLarge)?,
-        "" => return Err(UnitError::Syntax),
+        "" => return Err(UnitError::NoUnit),
         other => return Err(UnitError::Unit(other.to_string())),
     };
     if mib == 0 {
@@ -174,7 +176,7 @@ mod tests {
         assert_eq!(parse_size_mib("2G"), Err(UnitError::Unit("G".into())));
         assert_eq!(parse_size_mib("2GB"), Err(UnitError::Unit("GB".into())));
         assert_eq!(parse_size_mib("2gib"), Err(UnitError::Unit("gib".into())));
-        assert_eq!(parse_size_mib("2048"), Err(UnitError::Syntax));
+        assert_eq!(parse_size_mib("2048"), Err(UnitError::NoUnit));
         assert_eq!(parse_size_mib("GiB"), Err(UnitError::Syntax));
         assert_eq!(parse_size_mib("1.5GiB"), Err(UnitError::Fraction));
         assert_eq!(parse_size_mib("0MiB"), Err(UnitError::Zero));

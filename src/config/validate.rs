@@ -41,6 +41,9 @@ pub(super) struct Ctx<'a> {
     src: &'a str,
     line_starts: Vec<usize>,
     pub(super) diags: Vec<Diagnostic>,
+    /// Field paths an unknown key was probably meant to be (`nmae` → `name`): a "missing" error
+    /// for them would only repeat the typo.
+    pub(super) suggested: BTreeSet<String>,
 }
 
 impl<'a> Ctx<'a> {
@@ -52,6 +55,7 @@ impl<'a> Ctx<'a> {
             src,
             line_starts,
             diags: Vec::new(),
+            suggested: BTreeSet::new(),
         }
     }
 
@@ -78,6 +82,13 @@ impl<'a> Ctx<'a> {
             message,
             hint,
         });
+    }
+
+    /// Report a missing key, unless an unknown key nearby was probably meant to be it.
+    fn missing(&mut self, span: &Span, field: &str, message: String, hint: Option<String>) {
+        if !self.suggested.contains(field) {
+            self.report(span, field, message, hint);
+        }
     }
 
     fn text(&self, span: &Span) -> &str {
@@ -342,7 +353,7 @@ pub(super) fn validate(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<Lab> {
         .map(|(i, n)| node(i, n, &defs, &images, &nets, k8s.as_ref(), ctx))
         .collect();
     if cfg.nodes.is_empty() {
-        ctx.report(
+        ctx.missing(
             &(0..0),
             "nodes",
             "the lab has no nodes".into(),
@@ -414,7 +425,7 @@ pub(super) fn validate(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<Lab> {
 fn lab_name(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<String> {
     let Some((name, span)) = ctx.get(&cfg.name, &Place::Top, "name", "a string") else {
         if cfg.name.is_none() {
-            ctx.report(
+            ctx.missing(
                 &(0..0),
                 "name",
                 "the lab has no `name`".into(),
@@ -655,7 +666,9 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
             Some(ImageSource::Path { path: p.clone() })
         }
         (None, None) => {
-            if c.url.is_none() && c.path.is_none() {
+            let typo = ctx.suggested.contains(&format!("images.{key}.url"))
+                || ctx.suggested.contains(&format!("images.{key}.path"));
+            if c.url.is_none() && c.path.is_none() && !typo {
                 ctx.report(
                     &entry.span,
                     &format!("images.{key}"),
@@ -723,6 +736,7 @@ fn size(ctx: &mut Ctx<'_>, f: &Option<Field<String>>, at: &Place<'_>, key: &str,
             let what = match &e {
                 UnitError::Unit(u) => format!("has an unknown unit `{u}`"),
                 UnitError::Syntax => "is not a size".to_string(),
+                UnitError::NoUnit => "has no unit".to_string(),
                 UnitError::Fraction => "is not a whole number".to_string(),
                 UnitError::Zero => "must be more than zero".to_string(),
                 UnitError::TooLarge => "is too large".to_string(),
@@ -836,7 +850,7 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
             }),
             None => {
                 if c.mode.is_none() {
-                    ctx.report(
+                    ctx.missing(
                         &entry.span,
                         &at.field("mode"),
                         format!("network `{key}` has no `mode`"),
@@ -848,7 +862,7 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
         };
         let mut cidr = ctx.cidr(&c.cidr, &at, "cidr");
         if c.cidr.is_none() {
-            ctx.report(
+            ctx.missing(
                 &entry.span,
                 &at.field("cidr"),
                 format!("network `{key}` has no `cidr`"),
@@ -1077,7 +1091,7 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         }
         None => {
             if c.version.is_none() {
-                ctx.report(
+                ctx.missing(
                     &entry.span,
                     "kubernetes.version",
                     "[kubernetes] has no `version`".into(),
@@ -1107,7 +1121,7 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         None => {
             if c.cluster_network.is_none() {
                 let names = nets.iter().map(|n| format!("`{}`", n.name)).collect::<Vec<_>>().join(", ");
-                ctx.report(
+                ctx.missing(
                     &entry.span,
                     "kubernetes.cluster-network",
                     "[kubernetes] has no `cluster-network`".into(),
@@ -1257,7 +1271,7 @@ fn node(
         Some((n, span)) => Some((n.clone(), span)),
         None => {
             if c.name.is_none() {
-                ctx.report(
+                ctx.missing(
                     &entry.span,
                     &format!("nodes[{index}].name"),
                     format!("node #{} has no `name`", index + 1),
@@ -1376,7 +1390,11 @@ fn node(
                 s.span.as_ref().unwrap_or(&name_span),
                 &at.field("cpus"),
                 format!("node `{label}`: {what} needs at least {min_cpus} CPUs, it has {}", s.value),
-                Some(format!("set cpus = {min_cpus} or more on this node")),
+                Some(if c.cpus.is_none() && defs.cpus.is_some() {
+                    format!("the value comes from [defaults]; set cpus = {min_cpus} or more on this node")
+                } else {
+                    format!("set cpus = {min_cpus} or more")
+                }),
             );
         }
         if let Some(s) = &memory
@@ -1386,11 +1404,16 @@ fn node(
                 s.span.as_ref().unwrap_or(&name_span),
                 &at.field("memory"),
                 format!("node `{label}`: {what} needs at least {min_mib} MiB of memory, it has {} MiB", s.value),
-                Some(if role == Role::ControlPlane {
-                    "kubeadm's preflight check refuses less; set memory = \"2GiB\" or more on this node".into()
-                } else {
-                    "set memory = \"1GiB\" or more on this node".into()
-                }),
+                Some(format!(
+                    "{}set memory = \"{}\" or more{}",
+                    if role == Role::ControlPlane { "kubeadm's preflight check refuses less; " } else { "" },
+                    if role == Role::ControlPlane { "2GiB" } else { "1GiB" },
+                    if c.memory.is_none() && defs.memory.is_some() {
+                        " on this node (the value comes from [defaults])"
+                    } else {
+                        ""
+                    }
+                )),
             );
         }
     }
@@ -1428,7 +1451,7 @@ fn node(
             },
             None => {
                 if nic.value.network.is_none() {
-                    ctx.report(
+                    ctx.missing(
                         &nic.span,
                         &nic_at.field(&key),
                         format!("node `{label}`: nics[{i}] has no `network`"),
@@ -1451,7 +1474,7 @@ fn node(
         });
     }
     if c.nics.is_empty() {
-        ctx.report(
+        ctx.missing(
             &name_span,
             &at.field("nics"),
             format!("node `{label}` has no NICs"),
@@ -1571,12 +1594,17 @@ fn check_fixed_addresses(
 ) {
     let vip = k8s.and_then(|k| k.vip.as_ref().map(|(v, s)| (*v, s.clone())));
     let mut used: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
+    // Written addresses already wrong for the first node of a count: the others say nothing new.
+    let mut failed_base: BTreeSet<usize> = BTreeSet::new();
     for e in expanded {
         let d = &nodes[e.node];
         for (i, nic) in d.nics.iter().enumerate() {
             let Some(ni) = nic.net else { continue };
             let net = &nets[ni];
             let Some((written, span)) = &nic.ip else { continue };
+            if e.k > 0 && failed_base.contains(&span.start) {
+                continue;
+            }
             let field = format!("nodes[{}].nics[{i}].ip", d.index);
             let Some(ip) = fixed_ip(e, nic) else {
                 ctx.report(
@@ -1611,6 +1639,9 @@ fn check_fixed_addresses(
                         None => "the network has no host addresses".to_string(),
                     };
                     ctx.report(span, &field, format!("node `{}`: {what} {p}", e.name), Some(hint));
+                    if e.k == 0 {
+                        failed_base.insert(span.start);
+                    }
                     continue;
                 }
             }
@@ -1700,7 +1731,7 @@ fn allocate(
                             e.name, net.name
                         ),
                         Some(format!(
-                            "{wanted} NICs need an address but {cidr} has {} usable (gateway and VIP excluded); use a shorter prefix",
+                            "{wanted} NICs need an address but {cidr} has {} usable (gateway and VIP excluded); use a larger network (a shorter prefix)",
                             ipam::host_count(cidr).saturating_sub(pools[req.network].1.len() as u64)
                         )),
                     );
