@@ -3,9 +3,9 @@
 
 use serde::Serialize;
 
+pub mod fake;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
-pub mod fake;
 
 /// What the hypervisor offers, for `[host] accel = "auto"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

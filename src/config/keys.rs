@@ -32,7 +32,10 @@ fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
     // Bounded: refs between `$defs` never chain more than a few levels.
     for _ in 0..8 {
         match s.get("$ref").and_then(Value::as_str) {
-            Some(r) => match r.strip_prefix("#/$defs/").and_then(|name| root.get("$defs")?.get(name)) {
+            Some(r) => match r
+                .strip_prefix("#/$defs/")
+                .and_then(|name| root.get("$defs")?.get(name))
+            {
                 Some(target) => s = target,
                 None => return s,
             },
@@ -42,9 +45,12 @@ fn resolve<'a>(root: &'a Value, schema: &'a Value) -> &'a Value {
     s
 }
 
+/// Properties of an object schema, and its `additionalProperties` schema (maps).
+type ObjectView<'a> = (Option<&'a Map<String, Value>>, Option<&'a Value>);
+
 /// The object form of a schema (through `$ref` and `anyOf`/`oneOf`, as `Option<T>` produces):
 /// its properties and its `additionalProperties` schema (for maps).
-fn object_view<'a>(root: &'a Value, schema: &'a Value) -> Option<(Option<&'a Map<String, Value>>, Option<&'a Value>)> {
+fn object_view<'a>(root: &'a Value, schema: &'a Value) -> Option<ObjectView<'a>> {
     let s = resolve(root, schema);
     let props = s.get("properties").and_then(Value::as_object);
     let additional = s.get("additionalProperties").filter(|v| v.is_object());
@@ -102,14 +108,32 @@ fn walk_table(
             } else {
                 format!("{owner} {k}")
             };
-            walk_value(value.get_ref(), child, root, &child_path, &child_owner, k, out);
+            walk_value(
+                value.get_ref(),
+                child,
+                root,
+                &child_path,
+                &child_owner,
+                k,
+                out,
+            );
         } else if let Some(child) = additional {
             // A map entry such as `[networks.cluster]`: named by its key.
             let parent = path.rsplit('.').next().unwrap_or(path);
             let child_owner = format!("{} `{k}`", singular(parent));
-            walk_value(value.get_ref(), child, root, &child_path, &child_owner, k, out);
+            walk_value(
+                value.get_ref(),
+                child,
+                root,
+                &child_path,
+                &child_owner,
+                k,
+                out,
+            );
         } else {
-            let known: Vec<String> = props.map(|p| p.keys().cloned().collect()).unwrap_or_default();
+            let known: Vec<String> = props
+                .map(|p| p.keys().cloned().collect())
+                .unwrap_or_default();
             out.push(UnknownKey {
                 span: key.span(),
                 path: child_path,
@@ -152,7 +176,15 @@ fn walk_value(
                     None if owner.starts_with('[') => item_path.clone(),
                     None => format!("{owner}[{i}]"),
                 };
-                walk_value(item.get_ref(), item_schema, root, &item_path, &item_owner, key, out);
+                walk_value(
+                    item.get_ref(),
+                    item_schema,
+                    root,
+                    &item_path,
+                    &item_owner,
+                    key,
+                    out,
+                );
             }
         }
         _ => {}
@@ -199,11 +231,27 @@ ssh-timeout = "5m"
             vec![
                 ("nmae".into(), "".into(), s("name")),
                 ("host.acel".into(), "[host]".into(), s("accel")),
-                ("networks.lan.cidrr".into(), "network `lan`".into(), s("cidr")),
-                ("images.custom.pth".into(), "image `custom`".into(), s("path")),
+                (
+                    "networks.lan.cidrr".into(),
+                    "network `lan`".into(),
+                    s("cidr")
+                ),
+                (
+                    "images.custom.pth".into(),
+                    "image `custom`".into(),
+                    s("path")
+                ),
                 ("nodes[0].memroy".into(), "node `cp1`".into(), s("memory")),
-                ("nodes[0].nics[0].adress".into(), "node `cp1` nics[0]".into(), None),
-                ("kubernetes.versoin".into(), "[kubernetes]".into(), s("version")),
+                (
+                    "nodes[0].nics[0].adress".into(),
+                    "node `cp1` nics[0]".into(),
+                    None
+                ),
+                (
+                    "kubernetes.versoin".into(),
+                    "[kubernetes]".into(),
+                    s("version")
+                ),
                 ("timeouts.ssh-timeout".into(), "[timeouts]".into(), None),
             ]
         );
@@ -211,7 +259,9 @@ ssh-timeout = "5m"
 
     #[test]
     fn known_keys_pass() {
-        let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/labs/quickstart.toml")).unwrap();
+        let src =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/labs/quickstart.toml"))
+                .unwrap();
         assert_eq!(find(&src), vec![]);
     }
 }

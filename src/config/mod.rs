@@ -47,8 +47,14 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
         Ok(t) => t,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            let hint = bare_word(src, span.start).map(|w| format!("strings must be quoted: \"{w}\""));
-            ctx.report(&span, "", format!("TOML syntax error: {}", e.message().trim_end()), hint);
+            let hint =
+                bare_word(src, span.start).map(|w| format!("strings must be quoted: \"{w}\""));
+            ctx.report(
+                &span,
+                "",
+                format!("TOML syntax error: {}", e.message().trim_end()),
+                hint,
+            );
             return Err(finish(ctx.diags));
         }
     };
@@ -64,13 +70,21 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
             None if u.known.is_empty() => "remove it".to_string(),
             None => format!(
                 "valid keys here: {}",
-                u.known.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+                u.known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         };
         ctx.report(&u.span, &u.path, message, Some(hint));
         if let Some(s) = &u.suggestion {
             let parent = u.path[..u.path.len() - u.key.len()].trim_end_matches('.');
-            ctx.suggested.insert(if parent.is_empty() { s.clone() } else { format!("{parent}.{s}") });
+            ctx.suggested.insert(if parent.is_empty() {
+                s.clone()
+            } else {
+                format!("{parent}.{s}")
+            });
         }
     }
     let cfg: raw::LabConfig = match toml::from_str(src) {
@@ -105,7 +119,10 @@ fn bare_word(src: &str, at: usize) -> Option<&str> {
 /// serde's wording (`expected struct NicConfig`) in the lab file's terms.
 fn shape_message(msg: &str) -> String {
     let msg = msg.trim_end();
-    let mut out = msg.strip_prefix("invalid type: ").unwrap_or(msg).to_string();
+    let mut out = msg
+        .strip_prefix("invalid type: ")
+        .unwrap_or(msg)
+        .to_string();
     if let Some(pos) = out.find("expected struct ") {
         out.replace_range(pos.., "expected a table");
     }
@@ -152,6 +169,181 @@ nics = [ { network = "net" } ]
         assert!(lab.kubernetes.is_none());
     }
 
+    fn lab_file(name: &str) -> Lab {
+        let path = format!("{}/labs/{name}", env!("CARGO_MANIFEST_DIR"));
+        load_file(Path::new(&path)).unwrap()
+    }
+
+    fn ips(lab: &Lab, network: &str) -> Vec<(String, String)> {
+        lab.nodes
+            .iter()
+            .flat_map(|n| {
+                n.nics
+                    .iter()
+                    .filter(|c| c.network == network)
+                    .map(|c| (n.name.clone(), c.ip.to_string()))
+            })
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn seed_000_matches_the_write_up() {
+        let lab = lab_file("seed-000-kubespray-hyperv.toml");
+        assert_eq!(
+            ips(&lab, "internal"),
+            pairs(&[
+                ("alma1", "10.10.1.10"),
+                ("alma-w1", "10.10.1.11"),
+                ("alma-w2", "10.10.1.12")
+            ])
+        );
+        let cp = lab.node("alma1").unwrap();
+        assert_eq!((cp.cpus, cp.memory_mib, cp.disk_gib), (2, 4096, 20));
+        assert_eq!(lab.node("alma-w2").unwrap().memory_mib, 2048);
+        assert_eq!(
+            lab.images["almalinux-9"].family,
+            crate::model::OsFamily::Alma
+        );
+        let k = lab.kubernetes.as_ref().unwrap();
+        assert_eq!(
+            (k.version.as_str(), k.service_cidr.to_string()),
+            ("1.32", "10.233.0.0/18".into())
+        );
+        // NIC 1 (the default route) is the NAT network.
+        assert!(lab.nodes.iter().all(|n| n.nics[0].network == "outside"));
+    }
+
+    #[test]
+    fn seed_001_has_three_control_planes_behind_a_vip() {
+        let lab = lab_file("seed-001-ha.toml");
+        let cps: Vec<&str> = lab
+            .nodes
+            .iter()
+            .filter(|n| n.role == crate::model::Role::ControlPlane)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(cps, ["master01", "master02", "master03"]);
+        assert_eq!(lab.nodes.len(), 7);
+        let k = lab.kubernetes.as_ref().unwrap();
+        assert_eq!(k.control_plane_vip, Some("192.168.3.10".parse().unwrap()));
+        assert_eq!(k.pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(k.calico_version, crate::model::defaults::CALICO_VERSION);
+    }
+
+    #[test]
+    fn e2e_lab_is_small_plain_and_isolated() {
+        let lab = lab_file("e2e-isolated.toml");
+        assert_eq!(lab.host.accel, crate::model::Accel::Qemu);
+        assert!(lab.kubernetes.is_none());
+        assert!(
+            lab.networks
+                .iter()
+                .all(|n| n.mode == crate::model::NetworkMode::Isolated)
+        );
+        assert_eq!(
+            ips(&lab, "net1"),
+            pairs(&[
+                ("vm1", "10.231.1.11"),
+                ("vm2", "10.231.1.12"),
+                ("vm3", "10.231.1.13")
+            ])
+        );
+        assert_eq!(
+            ips(&lab, "net2"),
+            pairs(&[
+                ("vm1", "10.231.2.2"),
+                ("vm2", "10.231.2.3"),
+                ("vm3", "10.231.2.4")
+            ])
+        );
+        assert!(
+            lab.nodes
+                .iter()
+                .all(|n| n.cpus == 1 && n.memory_mib == 1024)
+        );
+        assert_eq!(lab.timeouts.ssh, std::time::Duration::from_secs(240));
+    }
+
+    #[test]
+    fn bridge_lab_keeps_bridge_gateway_and_dns() {
+        let lab = lab_file("seed-004-bridge.toml");
+        let lan = lab.network("lan").unwrap();
+        assert_eq!(lan.bridge.as_deref(), Some("br0"));
+        assert_eq!(lan.gateway.to_string(), "192.168.182.1");
+        assert_eq!(
+            lan.dns,
+            vec!["192.168.182.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            lab.kubernetes.as_ref().unwrap().cluster_network,
+            "kube-isolated"
+        );
+    }
+
+    #[test]
+    fn automatic_addresses_skip_gateway_vip_and_fixed_ones() {
+        let src = r#"
+name = "t"
+[networks.c]
+mode = "isolated"
+cidr = "10.1.0.0/24"
+gateway = "10.1.0.3"
+[[nodes]]
+name = "cp"
+count = 3
+role = "control-plane"
+nics = [ { network = "c" } ]
+[[nodes]]
+name = "w1"
+role = "worker"
+nics = [ { network = "c", ip = "10.1.0.4" } ]
+[[nodes]]
+name = "w2"
+role = "worker"
+nics = [ { network = "c" } ]
+[kubernetes]
+version = "1.32"
+cluster-network = "c"
+control-plane-vip = "10.1.0.2"
+"#;
+        let lab = parse_str(src, "t.toml").unwrap();
+        assert_eq!(
+            ips(&lab, "c"),
+            pairs(&[
+                ("cp1", "10.1.0.1"),
+                ("cp2", "10.1.0.5"),
+                ("cp3", "10.1.0.6"),
+                ("w1", "10.1.0.4"),
+                ("w2", "10.1.0.7"),
+            ])
+        );
+        assert_eq!(parse_str(src, "t.toml").unwrap(), lab, "deterministic");
+    }
+
+    #[test]
+    fn load_file_reports_io_errors_with_the_path() {
+        let e = load_file(Path::new("/nonexistent/lab.toml")).unwrap_err();
+        assert!(matches!(e, LoadError::Io { .. }));
+        assert_eq!(e.to_string(), "cannot read lab file /nonexistent/lab.toml");
+    }
+
+    #[test]
+    fn diagnostics_are_sorted_by_position() {
+        let src = "name = \"t\"\n[[nodes]]\nname = \"B\"\ncpus = 0\nnics = [ { network = \"x\" } ]\n[host]\naccel = \"fast\"\n";
+        let e = parse_str(src, "t.toml").unwrap_err();
+        let pos: Vec<(usize, usize)> = e.0.iter().map(|d| (d.line, d.col)).collect();
+        let mut sorted = pos.clone();
+        sorted.sort();
+        assert_eq!(pos, sorted);
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
     #[test]
     fn syntax_error_is_one_diagnostic() {
         let e = parse_str("name = \n", "x.toml").unwrap_err();
@@ -171,7 +363,16 @@ nics = [ { network = "net" } ]
     fn schema_describes_the_file() {
         let s = schema_json();
         let props = s["properties"].as_object().unwrap();
-        for k in ["name", "host", "defaults", "images", "networks", "nodes", "kubernetes", "timeouts"] {
+        for k in [
+            "name",
+            "host",
+            "defaults",
+            "images",
+            "networks",
+            "nodes",
+            "kubernetes",
+            "timeouts",
+        ] {
             assert!(props.contains_key(k), "{k}");
         }
         assert_eq!(s["additionalProperties"], serde_json::Value::Bool(false));

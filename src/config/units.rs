@@ -20,8 +20,10 @@ pub enum UnitError {
 }
 
 pub const SIZE_UNITS_HINT: &str = "write an integer followed by MiB or GiB, e.g. \"2GiB\" or \"1536MiB\" (M, G, MB and GB are not accepted)";
-pub const DISK_UNITS_HINT: &str = "write a whole number of GiB, e.g. \"20GiB\" (MiB also accepted when it is a multiple of 1024)";
-pub const DURATION_HINT: &str = "write a duration like \"90s\", \"5m\", \"1h\" or \"1m30s\", or an integer number of seconds";
+pub const DISK_UNITS_HINT: &str =
+    "write a whole number of GiB, e.g. \"20GiB\" (MiB also accepted when it is a multiple of 1024)";
+pub const DURATION_HINT: &str =
+    "write a duration like \"90s\", \"5m\", \"1h\" or \"1m30s\", or an integer number of seconds";
 
 /// Split `"2GiB"` / `"2 GiB"` into (2, "GiB").
 fn split_number(s: &str) -> Result<(u64, &str), UnitError> {
@@ -153,7 +155,10 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest candidate within a distance that still looks like a typo (case ignored).
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let lower = word.to_ascii_lowercase();
     let limit = (word.chars().count() / 3).clamp(1, 3);
     candidates
@@ -180,7 +185,10 @@ mod tests {
         assert_eq!(parse_size_mib("GiB"), Err(UnitError::Syntax));
         assert_eq!(parse_size_mib("1.5GiB"), Err(UnitError::Fraction));
         assert_eq!(parse_size_mib("0MiB"), Err(UnitError::Zero));
-        assert_eq!(parse_size_mib("99999999999999999999GiB"), Err(UnitError::TooLarge));
+        assert_eq!(
+            parse_size_mib("99999999999999999999GiB"),
+            Err(UnitError::TooLarge)
+        );
         assert_eq!(parse_size_mib("17000000GiB"), Err(UnitError::TooLarge));
     }
 
@@ -200,7 +208,10 @@ mod tests {
         assert_eq!(parse_duration("1h 5m"), Ok(Duration::from_secs(3900)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert_eq!(parse_duration("1m30"), Err(UnitError::Syntax));
-        assert_eq!(parse_duration("5 minutes"), Err(UnitError::Unit("minutes".into())));
+        assert_eq!(
+            parse_duration("5 minutes"),
+            Err(UnitError::Unit("minutes".into()))
+        );
         assert_eq!(parse_duration("0s"), Err(UnitError::Zero));
         assert_eq!(parse_duration(""), Err(UnitError::Syntax));
         assert_eq!(parse_duration("soon"), Err(UnitError::Syntax));

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use ipnetwork::Ipv4Network;
 
+use super::Diagnostic;
 use super::raw::{
-    AccelName, CniName, DurationConfig, Field, FamilyName, LabConfig, Lenient, ModeName, NodeConfig,
-    RoleName, Sp,
+    AccelName, CniName, DurationConfig, FamilyName, Field, LabConfig, Lenient, ModeName,
+    NodeConfig, RoleName, Sp,
 };
 use super::units::{self, UnitError};
-use super::Diagnostic;
 use crate::catalog;
 use crate::model::{
     Accel, Cni, Host, Image, ImageSource, Kubernetes, Lab, Network, NetworkMode, Nic, Node,
@@ -72,7 +72,13 @@ impl<'a> Ctx<'a> {
         (line, col)
     }
 
-    pub(super) fn report(&mut self, span: &Span, field: &str, message: String, hint: Option<String>) {
+    pub(super) fn report(
+        &mut self,
+        span: &Span,
+        field: &str,
+        message: String,
+        hint: Option<String>,
+    ) {
         let (line, col) = self.position(span.start);
         self.diags.push(Diagnostic {
             file: self.file.to_string(),
@@ -96,12 +102,22 @@ impl<'a> Ctx<'a> {
     }
 
     /// The value of a field, or `None` (reported) when it has the wrong type.
-    fn get<'c, T>(&mut self, f: &'c Option<Field<T>>, at: &Place<'_>, key: &str, expected: &str) -> Option<(&'c T, Span)> {
+    fn get<'c, T>(
+        &mut self,
+        f: &'c Option<Field<T>>,
+        at: &Place<'_>,
+        key: &str,
+        expected: &str,
+    ) -> Option<(&'c T, Span)> {
         let f = f.as_ref()?;
         match &f.value {
             Lenient::Ok(v) => Some((v, f.span.clone())),
             Lenient::Bad(raw) => {
-                let msg = format!("{}`{key}` must be {expected}, found {}", at.prefix(), describe(raw));
+                let msg = format!(
+                    "{}`{key}` must be {expected}, found {}",
+                    at.prefix(),
+                    describe(raw)
+                );
                 self.report(&f.span, &at.field(key), msg, None);
                 None
             }
@@ -109,29 +125,57 @@ impl<'a> Ctx<'a> {
     }
 
     /// Like [`Ctx::get`] for a closed set of words, with a "did you mean" hint.
-    fn choice<'c, T>(&mut self, f: &'c Option<Field<T>>, at: &Place<'_>, key: &str, choices: &[&str]) -> Option<(&'c T, Span)> {
+    fn choice<'c, T>(
+        &mut self,
+        f: &'c Option<Field<T>>,
+        at: &Place<'_>,
+        key: &str,
+        choices: &[&str],
+    ) -> Option<(&'c T, Span)> {
         let f = f.as_ref()?;
         match &f.value {
             Lenient::Ok(v) => Some((v, f.span.clone())),
             Lenient::Bad(toml::Value::String(s)) => {
-                let list = choices.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
+                let list = choices
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let hint = match units::did_you_mean(s, choices.iter().copied()) {
                     Some(c) => format!("did you mean `{c}`? {key} is one of {list}"),
                     None => format!("{key} is one of {list}"),
                 };
-                self.report(&f.span, &at.field(key), format!("{}unknown {key} `{s}`", at.prefix()), Some(hint));
+                self.report(
+                    &f.span,
+                    &at.field(key),
+                    format!("{}unknown {key} `{s}`", at.prefix()),
+                    Some(hint),
+                );
                 None
             }
             Lenient::Bad(raw) => {
-                let list = choices.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ");
-                let msg = format!("{}`{key}` must be one of {list}, found {}", at.prefix(), describe(raw));
+                let list = choices
+                    .iter()
+                    .map(|c| format!("`{c}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let msg = format!(
+                    "{}`{key}` must be one of {list}, found {}",
+                    at.prefix(),
+                    describe(raw)
+                );
                 self.report(&f.span, &at.field(key), msg, None);
                 None
             }
         }
     }
 
-    fn ipv4(&mut self, f: &Option<Field<String>>, at: &Place<'_>, key: &str) -> Option<(Ipv4Addr, Span)> {
+    fn ipv4(
+        &mut self,
+        f: &Option<Field<String>>,
+        at: &Place<'_>,
+        key: &str,
+    ) -> Option<(Ipv4Addr, Span)> {
         let (s, span) = self.get(f, at, key, "an IPv4 address string")?;
         match s.trim().parse::<Ipv4Addr>() {
             Ok(ip) => Some((ip, span)),
@@ -141,13 +185,23 @@ impl<'a> Ctx<'a> {
                 } else {
                     "write a dotted IPv4 address, e.g. \"10.10.1.10\"".to_string()
                 };
-                self.report(&span, &at.field(key), format!("{}{key} `{s}` is not an IPv4 address", at.prefix()), Some(hint));
+                self.report(
+                    &span,
+                    &at.field(key),
+                    format!("{}{key} `{s}` is not an IPv4 address", at.prefix()),
+                    Some(hint),
+                );
                 None
             }
         }
     }
 
-    fn cidr(&mut self, f: &Option<Field<String>>, at: &Place<'_>, key: &str) -> Option<(Ipv4Network, Span)> {
+    fn cidr(
+        &mut self,
+        f: &Option<Field<String>>,
+        at: &Place<'_>,
+        key: &str,
+    ) -> Option<(Ipv4Network, Span)> {
         let (s, span) = self.get(f, at, key, "a CIDR string like \"10.10.1.0/24\"")?;
         match parse_cidr(s) {
             Ok(net) => Some((net, span)),
@@ -174,7 +228,12 @@ impl<'a> Ctx<'a> {
 
     fn duration(&mut self, f: &Option<Field<DurationConfig>>, key: &str) -> Option<Duration> {
         let at = Place::Section("timeouts");
-        let (v, span) = self.get(f, &at, key, "a duration like \"90s\" or an integer number of seconds")?;
+        let (v, span) = self.get(
+            f,
+            &at,
+            key,
+            "a duration like \"90s\" or an integer number of seconds",
+        )?;
         let parsed = match v {
             DurationConfig::Seconds(0) => Err(UnitError::Zero),
             DurationConfig::Seconds(n) => Ok(Duration::from_secs(*n)),
@@ -190,7 +249,12 @@ impl<'a> Ctx<'a> {
                     _ => "is not a duration".to_string(),
                 };
                 let msg = format!("[timeouts] `{key}` {} {what}", self.text(&span));
-                self.report(&span, &at.field(key), msg, Some(units::DURATION_HINT.into()));
+                self.report(
+                    &span,
+                    &at.field(key),
+                    msg,
+                    Some(units::DURATION_HINT.into()),
+                );
                 None
             }
         }
@@ -429,7 +493,10 @@ fn lab_name(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<String> {
                 &(0..0),
                 "name",
                 "the lab has no `name`".into(),
-                Some("add `name = \"demo\"` at the top; it prefixes every object klab creates".into()),
+                Some(
+                    "add `name = \"demo\"` at the top; it prefixes every object klab creates"
+                        .into(),
+                ),
             );
         }
         return None;
@@ -447,7 +514,12 @@ fn lab_name(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<String> {
     } else {
         "use lowercase letters, digits and `-` (not first or last)".into()
     };
-    ctx.report(&span, "name", format!("lab name `{name}` is not valid"), Some(hint));
+    ctx.report(
+        &span,
+        "name",
+        format!("lab name `{name}` is not valid"),
+        Some(hint),
+    );
     None
 }
 
@@ -536,7 +608,12 @@ fn images(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> BTreeMap<String, Option<Image>>
     out
 }
 
-fn abs_path(ctx: &mut Ctx<'_>, f: &Option<Field<String>>, at: &Place<'_>, key: &str) -> Option<Option<PathBuf>> {
+fn abs_path(
+    ctx: &mut Ctx<'_>,
+    f: &Option<Field<String>>,
+    at: &Place<'_>,
+    key: &str,
+) -> Option<Option<PathBuf>> {
     if f.is_none() {
         return Some(None);
     }
@@ -587,7 +664,10 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
     let kernel = abs_path(ctx, &c.kernel, &at, "kernel");
     let initrd = abs_path(ctx, &c.initrd, &at, "initrd");
     let cmdline = ctx.get(&c.cmdline, &at, "cmdline", "a string");
-    if (c.url.is_some() && url.is_none()) || (c.sha256.is_some() && sha.is_none()) || (c.cmdline.is_some() && cmdline.is_none()) {
+    if (c.url.is_some() && url.is_none())
+        || (c.sha256.is_some() && sha.is_none())
+        || (c.cmdline.is_some() && cmdline.is_none())
+    {
         ok = false;
     }
     let (Some(path), Some(kernel), Some(initrd)) = (path, kernel, initrd) else {
@@ -600,7 +680,10 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
                     &f.span,
                     &at.field(k),
                     format!("image `{key}`: `{k}` needs `kernel`"),
-                    Some("direct kernel boot takes `kernel`, optionally with `initrd` and `cmdline`".into()),
+                    Some(
+                        "direct kernel boot takes `kernel`, optionally with `initrd` and `cmdline`"
+                            .into(),
+                    ),
                 );
                 ok = false;
             }
@@ -612,12 +695,15 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
                 &entry.span,
                 &format!("images.{key}"),
                 format!("image `{key}` has both `url` and `path`"),
-                Some("use `url` + `sha256` to download, or `path` for a local file, not both".into()),
+                Some(
+                    "use `url` + `sha256` to download, or `path` for a local file, not both".into(),
+                ),
             );
             None
         }
         (Some((u, uspan)), None) => {
-            if !(u.starts_with("https://") || u.starts_with("http://") || u.starts_with("file://")) {
+            if !(u.starts_with("https://") || u.starts_with("http://") || u.starts_with("file://"))
+            {
                 ctx.report(
                     uspan,
                     &at.field("url"),
@@ -627,10 +713,14 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
                 None
             } else {
                 match &sha {
-                    Some((h, hspan)) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Some(ImageSource::Url {
-                        url: (*u).clone(),
-                        sha256: h.to_ascii_lowercase(),
-                    }),
+                    Some((h, hspan))
+                        if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                    {
+                        Some(ImageSource::Url {
+                            url: (*u).clone(),
+                            sha256: h.to_ascii_lowercase(),
+                        })
+                    }
                     Some((h, hspan)) => {
                         ctx.report(
                             hspan,
@@ -673,7 +763,10 @@ fn image(key: &str, entry: &Sp<super::raw::ImageConfig>, ctx: &mut Ctx<'_>) -> O
                     &entry.span,
                     &format!("images.{key}"),
                     format!("image `{key}` has neither `url` nor `path`"),
-                    Some("add `url` + `sha256` to download it, or `path` for a local qcow2 file".into()),
+                    Some(
+                        "add `url` + `sha256` to download it, or `path` for a local qcow2 file"
+                            .into(),
+                    ),
                 );
             }
             None
@@ -710,7 +803,13 @@ fn cpus(ctx: &mut Ctx<'_>, f: &Option<Field<u32>>, at: &Place<'_>) -> Option<Set
     })
 }
 
-fn size(ctx: &mut Ctx<'_>, f: &Option<Field<String>>, at: &Place<'_>, key: &str, disk: bool) -> Option<Setting<u64>> {
+fn size(
+    ctx: &mut Ctx<'_>,
+    f: &Option<Field<String>>,
+    at: &Place<'_>,
+    key: &str,
+    disk: bool,
+) -> Option<Setting<u64>> {
     let expected = if disk {
         "a string like \"20GiB\""
     } else {
@@ -788,12 +887,23 @@ fn image_ref(
     let (name, span) = ctx.get(f, at, "image", "a string")?;
     if !images.contains_key(name) {
         let names: Vec<&str> = images.keys().map(String::as_str).collect();
-        let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let list = names
+            .iter()
+            .map(|n| format!("`{n}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let hint = match units::did_you_mean(name, names.iter().copied()) {
-            Some(s) => format!("did you mean `{s}`? known images: {list} (or define [images.{name}])"),
+            Some(s) => {
+                format!("did you mean `{s}`? known images: {list} (or define [images.{name}])")
+            }
             None => format!("known images: {list} (or define [images.{name}])"),
         };
-        ctx.report(&span, &at.field("image"), format!("{}unknown image `{name}`", at.prefix()), Some(hint));
+        ctx.report(
+            &span,
+            &at.field("image"),
+            format!("{}unknown image `{name}`", at.prefix()),
+            Some(hint),
+        );
         return None;
     }
     Some(Setting {
@@ -810,10 +920,12 @@ fn defaults_section(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Defaults {
     let d = &d.value;
     // Images are checked against [images] later per node; here only the type matters.
     Defaults {
-        image: ctx.get(&d.image, &at, "image", "a string").map(|(v, s)| Setting {
-            value: v.clone(),
-            span: Some(s),
-        }),
+        image: ctx
+            .get(&d.image, &at, "image", "a string")
+            .map(|(v, s)| Setting {
+                value: v.clone(),
+                span: Some(s),
+            }),
         cpus: cpus(ctx, &d.cpus, &at),
         memory: size(ctx, &d.memory, &at, "memory", false),
         disk: size(ctx, &d.disk, &at, "disk", true),
@@ -866,7 +978,10 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
                 &entry.span,
                 &at.field("cidr"),
                 format!("network `{key}` has no `cidr`"),
-                Some("add e.g. `cidr = \"10.10.1.0/24\"`; klab gives nodes static addresses from it".into()),
+                Some(
+                    "add e.g. `cidr = \"10.10.1.0/24\"`; klab gives nodes static addresses from it"
+                        .into(),
+                ),
             );
         }
         if let Some((net, span)) = &cidr
@@ -894,7 +1009,8 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
                             &span,
                             &at.field("gateway"),
                             format!("network `{key}`: gateway {gw} {what}"),
-                            ipam::first_host(*net).map(|h| format!("use a host address of {net}, e.g. {h}")),
+                            ipam::first_host(*net)
+                                .map(|h| format!("use a host address of {net}, e.g. {h}")),
                         );
                         None
                     }
@@ -923,7 +1039,10 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
                         &span,
                         &at.field("bridge"),
                         format!("network `{key}`: `bridge` is only for mode = \"bridge\""),
-                        Some("remove it; klab names the bridges of nat and isolated networks itself".into()),
+                        Some(
+                            "remove it; klab names the bridges of nat and isolated networks itself"
+                                .into(),
+                        ),
                     );
                     ok = false;
                     None
@@ -932,7 +1051,10 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
                         &span,
                         &at.field("bridge"),
                         format!("network `{key}`: bridge `{b}` is not a valid interface name"),
-                        Some("Linux interface names have 1 to 15 characters, no `/`, `:` or spaces".into()),
+                        Some(
+                            "Linux interface names have 1 to 15 characters, no `/`, `:` or spaces"
+                                .into(),
+                        ),
                     );
                     ok = false;
                     None
@@ -978,7 +1100,11 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
         } else if c.mtu.is_some() {
             ok = false;
         }
-        let ok = ok && mode.is_some() && cidr.is_some() && gateway.is_some() && (mode != Some(NetworkMode::Bridge) || bridge.is_some());
+        let ok = ok
+            && mode.is_some()
+            && cidr.is_some()
+            && gateway.is_some()
+            && (mode != Some(NetworkMode::Bridge) || bridge.is_some());
         out.push(NetDraft {
             name: key.clone(),
             span: entry.span.clone(),
@@ -999,7 +1125,9 @@ fn check_network_overlaps(nets: &[NetDraft], ctx: &mut Ctx<'_>) {
     let mut by_pos: Vec<&NetDraft> = nets.iter().filter(|n| n.cidr.is_some()).collect();
     by_pos.sort_by_key(|n| n.span.start);
     for (i, later) in by_pos.iter().enumerate() {
-        let Some((b, bspan)) = &later.cidr else { continue };
+        let Some((b, bspan)) = &later.cidr else {
+            continue;
+        };
         if let Some(earlier) = by_pos[..i]
             .iter()
             .find(|e| e.cidr.as_ref().is_some_and(|(a, _)| overlaps(*a, *b)))
@@ -1008,7 +1136,10 @@ fn check_network_overlaps(nets: &[NetDraft], ctx: &mut Ctx<'_>) {
             ctx.report(
                 bspan,
                 &format!("networks.{}.cidr", later.name),
-                format!("network `{}`: cidr {b} overlaps network `{}` ({a})", later.name, earlier.name),
+                format!(
+                    "network `{}`: cidr {b} overlaps network `{}` ({a})",
+                    later.name, earlier.name
+                ),
                 Some("give every network its own address range".into()),
             );
         }
@@ -1024,7 +1155,11 @@ fn unknown_network_hint(nets: &[NetDraft], name: &str) -> String {
     if names.is_empty() {
         return format!("define it with a [networks.{name}] table");
     }
-    let list = names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+    let list = names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     match units::did_you_mean(name, names.iter().copied()) {
         Some(s) => format!("did you mean `{s}`? networks: {list}"),
         None => format!("networks: {list} (or define [networks.{name}])"),
@@ -1035,11 +1170,18 @@ fn version_ok(v: &str, parts: std::ops::RangeInclusive<usize>) -> bool {
     let p: Vec<&str> = v.split('.').collect();
     parts.contains(&p.len())
         && p.iter().all(|s| {
-            !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s.len() == 1 || !s.starts_with('0'))
+            !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && (s.len() == 1 || !s.starts_with('0'))
         })
 }
 
-fn version_field(ctx: &mut Ctx<'_>, f: &Option<Field<String>>, key: &str, example: &str) -> Option<(String, Span)> {
+fn version_field(
+    ctx: &mut Ctx<'_>,
+    f: &Option<Field<String>>,
+    key: &str,
+    example: &str,
+) -> Option<(String, Span)> {
     let at = Place::Section("kubernetes");
     if let Some(Sp {
         value: Lenient::Bad(toml::Value::Float(_) | toml::Value::Integer(_)),
@@ -1058,12 +1200,19 @@ fn version_field(ctx: &mut Ctx<'_>, f: &Option<Field<String>>, key: &str, exampl
     let (v, span) = ctx.get(f, &at, key, "a string")?;
     let parts = if key == "version" { 2..=3 } else { 3..=3 };
     if !version_ok(v, parts) {
-        let hint = if v.starts_with('v') && version_ok(&v[1..], if key == "version" { 2..=3 } else { 3..=3 }) {
+        let hint = if v.starts_with('v')
+            && version_ok(&v[1..], if key == "version" { 2..=3 } else { 3..=3 })
+        {
             format!("write it without the `v`: \"{}\"", &v[1..])
         } else {
             format!("e.g. \"{example}\"")
         };
-        ctx.report(&span, &at.field(key), format!("[kubernetes] {key} `{v}` is not a valid version"), Some(hint));
+        ctx.report(
+            &span,
+            &at.field(key),
+            format!("[kubernetes] {key} `{v}` is not a valid version"),
+            Some(hint),
+        );
         return None;
     }
     Some((v.clone(), span))
@@ -1082,7 +1231,9 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
                     &span,
                     "kubernetes.version",
                     format!("[kubernetes] version {v} is not supported"),
-                    Some(format!("klab installs from pkgs.k8s.io, which has 1.{K8S_MIN_MINOR} and newer")),
+                    Some(format!(
+                        "klab installs from pkgs.k8s.io, which has 1.{K8S_MIN_MINOR} and newer"
+                    )),
                 );
                 None
             } else {
@@ -1120,7 +1271,11 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         },
         None => {
             if c.cluster_network.is_none() {
-                let names = nets.iter().map(|n| format!("`{}`", n.name)).collect::<Vec<_>>().join(", ");
+                let names = nets
+                    .iter()
+                    .map(|n| format!("`{}`", n.name))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 ctx.missing(
                     &entry.span,
                     "kubernetes.cluster-network",
@@ -1136,12 +1291,14 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
     let pod_default = parse_cidr(defaults::POD_CIDR).ok();
     let svc_default = parse_cidr(defaults::SERVICE_CIDR).ok();
     let pod = if c.pod_cidr.is_some() {
-        ctx.cidr(&c.pod_cidr, &at, "pod-cidr").map(|(n, s)| (n, Some(s)))
+        ctx.cidr(&c.pod_cidr, &at, "pod-cidr")
+            .map(|(n, s)| (n, Some(s)))
     } else {
         pod_default.map(|n| (n, None))
     };
     let service = if c.service_cidr.is_some() {
-        ctx.cidr(&c.service_cidr, &at, "service-cidr").map(|(n, s)| (n, Some(s)))
+        ctx.cidr(&c.service_cidr, &at, "service-cidr")
+            .map(|(n, s)| (n, Some(s)))
     } else {
         svc_default.map(|n| (n, None))
     };
@@ -1158,7 +1315,10 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
     if let (Some((p, ps)), Some((s, ss))) = (&pod, &service)
         && overlaps(*p, *s)
     {
-        let span = ss.clone().or_else(|| ps.clone()).unwrap_or(entry.span.clone());
+        let span = ss
+            .clone()
+            .or_else(|| ps.clone())
+            .unwrap_or(entry.span.clone());
         ctx.report(
             &span,
             "kubernetes.service-cidr",
@@ -1172,7 +1332,9 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         svc_ok = false;
     }
     for (key, value) in [("pod-cidr", &pod), ("service-cidr", &service)] {
-        let Some((range, rspan)) = value else { continue };
+        let Some((range, rspan)) = value else {
+            continue;
+        };
         for n in nets {
             let Some((ncidr, _)) = &n.cidr else { continue };
             if overlaps(*range, *ncidr) {
@@ -1207,11 +1369,16 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
                 match &net.cidr {
                     Some((cidr, _)) => {
                         let problem = match ipam::check_host(*cidr, vip) {
-                            Err(ipam::Unusable::OutsideNetwork) => {
-                                Some(format!("is outside the cluster network `{}` ({cidr})", net.name))
+                            Err(ipam::Unusable::OutsideNetwork) => Some(format!(
+                                "is outside the cluster network `{}` ({cidr})",
+                                net.name
+                            )),
+                            Err(ipam::Unusable::NetworkAddress) => {
+                                Some("is the cluster network's network address".into())
                             }
-                            Err(ipam::Unusable::NetworkAddress) => Some("is the cluster network's network address".into()),
-                            Err(ipam::Unusable::Broadcast) => Some("is the cluster network's broadcast address".into()),
+                            Err(ipam::Unusable::Broadcast) => {
+                                Some("is the cluster network's broadcast address".into())
+                            }
                             Ok(()) if Some(vip) == net.gateway => {
                                 Some(format!("is the gateway of network `{}`", net.name))
                             }
@@ -1223,7 +1390,9 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
                                     &span,
                                     "kubernetes.control-plane-vip",
                                     format!("[kubernetes] control-plane-vip {vip} {p}"),
-                                    Some(format!("pick a free host address of {cidr} that no node uses")),
+                                    Some(format!(
+                                        "pick a free host address of {cidr} that no node uses"
+                                    )),
                                 );
                                 None
                             }
@@ -1238,7 +1407,13 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         None => None,
     };
     let calico = if c.calico_version.is_some() {
-        version_field(ctx, &c.calico_version, "calico-version", defaults::CALICO_VERSION).map(|(v, _)| v)
+        version_field(
+            ctx,
+            &c.calico_version,
+            "calico-version",
+            defaults::CALICO_VERSION,
+        )
+        .map(|(v, _)| v)
     } else {
         Some(defaults::CALICO_VERSION.to_string())
     };
@@ -1293,7 +1468,9 @@ fn node(
                     &span,
                     &at.field("count"),
                     format!("node `{label}`: count {n} is out of range"),
-                    Some("use 1 or more (at most 1000); leave `count` out for a single node".into()),
+                    Some(
+                        "use 1 or more (at most 1000); leave `count` out for a single node".into(),
+                    ),
                 );
                 None
             }
@@ -1312,8 +1489,13 @@ fn node(
                 ctx.report(
                     &span,
                     &at.field("role"),
-                    format!("node `{label}` has role {} but the lab has no [kubernetes] section", role.as_str()),
-                    Some("add a [kubernetes] section, or use role = \"none\" for a plain VM".into()),
+                    format!(
+                        "node `{label}` has role {} but the lab has no [kubernetes] section",
+                        role.as_str()
+                    ),
+                    Some(
+                        "add a [kubernetes] section, or use role = \"none\" for a plain VM".into(),
+                    ),
                 );
             }
             role
@@ -1403,11 +1585,22 @@ fn node(
             ctx.report(
                 s.span.as_ref().unwrap_or(&name_span),
                 &at.field("memory"),
-                format!("node `{label}`: {what} needs at least {min_mib} MiB of memory, it has {} MiB", s.value),
+                format!(
+                    "node `{label}`: {what} needs at least {min_mib} MiB of memory, it has {} MiB",
+                    s.value
+                ),
                 Some(format!(
                     "{}set memory = \"{}\" or more{}",
-                    if role == Role::ControlPlane { "kubeadm's preflight check refuses less; " } else { "" },
-                    if role == Role::ControlPlane { "2GiB" } else { "1GiB" },
+                    if role == Role::ControlPlane {
+                        "kubeadm's preflight check refuses less; "
+                    } else {
+                        ""
+                    },
+                    if role == Role::ControlPlane {
+                        "2GiB"
+                    } else {
+                        "1GiB"
+                    },
                     if c.memory.is_none() && defs.memory.is_some() {
                         " on this node (the value comes from [defaults])"
                     } else {
@@ -1425,30 +1618,32 @@ fn node(
         let nic_at = Place::Node(index, &label);
         let key = format!("nics[{i}].network");
         let net = match ctx.get(&nic.value.network, &nic_at, &key, "a network name") {
-            Some((n, span)) => match network_index(nets, n) {
-                Some(ni) => {
-                    if let Some(first) = seen.insert(ni, i) {
-                        ctx.report(
+            Some((n, span)) => {
+                match network_index(nets, n) {
+                    Some(ni) => {
+                        if let Some(first) = seen.insert(ni, i) {
+                            ctx.report(
                             &span,
                             &nic_at.field(&key),
                             format!("node `{label}`: nics[{i}] is on network `{n}` like nics[{first}]"),
                             Some("a node has at most one NIC per network".into()),
                         );
-                        nics_broken = true;
+                            nics_broken = true;
+                        }
+                        Some((ni, span))
                     }
-                    Some((ni, span))
-                }
-                None => {
-                    ctx.report(
+                    None => {
+                        ctx.report(
                         &span,
                         &nic_at.field(&key),
                         format!("node `{label}`: nics[{i}].network `{n}` is not a network of this lab"),
                         Some(unknown_network_hint(nets, n)),
                     );
-                    nics_broken = true;
-                    None
+                        nics_broken = true;
+                        None
+                    }
                 }
-            },
+            }
             None => {
                 if nic.value.network.is_none() {
                     ctx.missing(
@@ -1494,7 +1689,9 @@ fn node(
             &name_span,
             &at.field("nics"),
             format!("node `{label}` has no NIC on the cluster network `{cname}`"),
-            Some(format!("add {{ network = \"{cname}\" }} to its nics; Kubernetes runs on that network")),
+            Some(format!(
+                "add {{ network = \"{cname}\" }} to its nics; Kubernetes runs on that network"
+            )),
         );
     }
 
@@ -1527,21 +1724,28 @@ fn expand(nodes: &[NodeDraft], ctx: &mut Ctx<'_>) -> Vec<Expanded> {
     let mut out = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for (ni, d) in nodes.iter().enumerate() {
-        let Some((base, span)) = &d.name else { continue };
+        let Some((base, span)) = &d.name else {
+            continue;
+        };
         let names: Vec<String> = match d.count {
             Some(c) => (1..=c).map(|i| format!("{base}{i}")).collect(),
             None if d.count_bad => continue,
             None => vec![base.clone()],
         };
         // Hostname validity: once per entry, on the longest name the entry makes.
-        let longest = names.iter().max_by_key(|n| n.len()).cloned().unwrap_or_default();
+        let longest = names
+            .iter()
+            .max_by_key(|n| n.len())
+            .cloned()
+            .unwrap_or_default();
         if !units::is_hostname(&longest) {
             let hint = if longest.len() > 63 {
                 "hostnames have at most 63 characters".to_string()
             } else if units::is_hostname(&longest.to_ascii_lowercase()) {
                 format!("use lowercase: \"{}\"", base.to_ascii_lowercase())
             } else {
-                "use lowercase letters, digits and `-` (not first or last); names are hostnames".to_string()
+                "use lowercase letters, digits and `-` (not first or last); names are hostnames"
+                    .to_string()
             };
             let msg = if d.count.is_some() {
                 format!("node name `{longest}` (from `{base}` with count) is not a valid hostname")
@@ -1554,13 +1758,17 @@ fn expand(nodes: &[NodeDraft], ctx: &mut Ctx<'_>) -> Vec<Expanded> {
         for (k, name) in names.into_iter().enumerate() {
             if let Some(&prev) = seen.get(&name) {
                 let p = &nodes[prev];
-                let first_line = ctx.position(p.name.as_ref().map_or(p.span.start, |(_, s)| s.start)).0;
+                let first_line = ctx
+                    .position(p.name.as_ref().map_or(p.span.start, |(_, s)| s.start))
+                    .0;
                 let first = match (&p.name, p.count) {
                     (Some((b, _)), Some(c)) => format!("`{b}` with count {c} at line {first_line}"),
                     _ => format!("the node at line {first_line}"),
                 };
                 let msg = match d.count {
-                    Some(c) => format!("node `{name}` (from `{base}` with count {c}) is defined twice"),
+                    Some(c) => {
+                        format!("node `{name}` (from `{base}` with count {c}) is defined twice")
+                    }
                     None => format!("node `{name}` is defined twice"),
                 };
                 let hint = format!("{first} already makes `{name}`; node names must be unique");
@@ -1601,7 +1809,9 @@ fn check_fixed_addresses(
         for (i, nic) in d.nics.iter().enumerate() {
             let Some(ni) = nic.net else { continue };
             let net = &nets[ni];
-            let Some((written, span)) = &nic.ip else { continue };
+            let Some((written, span)) = &nic.ip else {
+                continue;
+            };
             if e.k > 0 && failed_base.contains(&span.start) {
                 continue;
             }
@@ -1610,7 +1820,10 @@ fn check_fixed_addresses(
                 ctx.report(
                     span,
                     &field,
-                    format!("node `{}`: nics[{i}].ip {written} + {} (count) is past 255.255.255.255", e.name, e.k),
+                    format!(
+                        "node `{}`: nics[{i}].ip {written} + {} (count) is past 255.255.255.255",
+                        e.name, e.k
+                    ),
                     None,
                 );
                 continue;
@@ -1622,10 +1835,18 @@ fn check_fixed_addresses(
             };
             if let Some((cidr, _)) = &net.cidr {
                 let problem = match ipam::check_host(*cidr, ip) {
-                    Err(ipam::Unusable::OutsideNetwork) => Some(format!("is outside network `{}` ({cidr})", net.name)),
-                    Err(ipam::Unusable::NetworkAddress) => Some(format!("is the network address of `{}`", net.name)),
-                    Err(ipam::Unusable::Broadcast) => Some(format!("is the broadcast address of `{}`", net.name)),
-                    Ok(()) if Some(ip) == net.gateway => Some(format!("is the gateway of network `{}`", net.name)),
+                    Err(ipam::Unusable::OutsideNetwork) => {
+                        Some(format!("is outside network `{}` ({cidr})", net.name))
+                    }
+                    Err(ipam::Unusable::NetworkAddress) => {
+                        Some(format!("is the network address of `{}`", net.name))
+                    }
+                    Err(ipam::Unusable::Broadcast) => {
+                        Some(format!("is the broadcast address of `{}`", net.name))
+                    }
+                    Ok(()) if Some(ip) == net.gateway => {
+                        Some(format!("is the gateway of network `{}`", net.name))
+                    }
                     Ok(()) => None,
                 };
                 if let Some(p) = problem {
@@ -1638,7 +1859,12 @@ fn check_fixed_addresses(
                         ),
                         None => "the network has no host addresses".to_string(),
                     };
-                    ctx.report(span, &field, format!("node `{}`: {what} {p}", e.name), Some(hint));
+                    ctx.report(
+                        span,
+                        &field,
+                        format!("node `{}`: {what} {p}", e.name),
+                        Some(hint),
+                    );
                     if e.k == 0 {
                         failed_base.insert(span.start);
                     }
@@ -1653,7 +1879,9 @@ fn check_fixed_addresses(
                     span,
                     &field,
                     format!("node `{}`: {what} is the control-plane VIP", e.name),
-                    Some(format!("the VIP (line {vline}) must be an address no node uses")),
+                    Some(format!(
+                        "the VIP (line {vline}) must be an address no node uses"
+                    )),
                 );
                 continue;
             }
@@ -1661,8 +1889,13 @@ fn check_fixed_addresses(
                 ctx.report(
                     span,
                     &field,
-                    format!("node `{}`: {what} is already used by node `{other}`", e.name),
-                    Some("every NIC needs its own address; leave `ip` out to get a free one".into()),
+                    format!(
+                        "node `{}`: {what} is already used by node `{other}`",
+                        e.name
+                    ),
+                    Some(
+                        "every NIC needs its own address; leave `ip` out to get a free one".into(),
+                    ),
                 );
                 continue;
             }
@@ -1683,8 +1916,15 @@ fn allocate(
     let pools: Vec<(Ipv4Network, Vec<Ipv4Addr>)> = nets
         .iter()
         .map(|n| {
-            let cidr = n.cidr.as_ref().map_or(Ipv4Network::from(Ipv4Addr::UNSPECIFIED), |(c, _)| *c);
-            let reserved = n.gateway.into_iter().chain(vip.filter(|v| cidr.contains(*v))).collect();
+            let cidr = n
+                .cidr
+                .as_ref()
+                .map_or(Ipv4Network::from(Ipv4Addr::UNSPECIFIED), |(c, _)| *c);
+            let reserved = n
+                .gateway
+                .into_iter()
+                .chain(vip.filter(|v| cidr.contains(*v)))
+                .collect();
             (cidr, reserved)
         })
         .collect();
@@ -1711,19 +1951,25 @@ fn allocate(
         }
     }
     let answers = ipam::assign(&pools, &requests);
-    let mut out: Vec<Vec<Option<Ipv4Addr>>> = expanded.iter().map(|e| vec![None; nodes[e.node].nics.len()]).collect();
+    let mut out: Vec<Vec<Option<Ipv4Addr>>> = expanded
+        .iter()
+        .map(|e| vec![None; nodes[e.node].nics.len()])
+        .collect();
+    // One message per exhausted network: the NICs after the first would only repeat it.
     let mut exhausted: BTreeSet<usize> = BTreeSet::new();
     for ((ei, i), (req, ans)) in slots.into_iter().zip(requests.iter().zip(answers)) {
         match ans {
             Some(ip) => out[ei][i] = Some(ip),
-            None if req.fixed.is_none() => {
-                if exhausted.insert(req.network) {
-                    let e = &expanded[ei];
-                    let d = &nodes[e.node];
-                    let net = &nets[req.network];
-                    let (cidr, _) = net.cidr.as_ref().map_or((Ipv4Network::from(Ipv4Addr::UNSPECIFIED), 0..0), |(c, s)| (*c, s.clone()));
-                    let wanted = requests.iter().filter(|r| r.network == req.network).count();
-                    ctx.report(
+            None if req.fixed.is_none() && exhausted.insert(req.network) => {
+                let e = &expanded[ei];
+                let d = &nodes[e.node];
+                let net = &nets[req.network];
+                let (cidr, _) = net.cidr.as_ref().map_or(
+                    (Ipv4Network::from(Ipv4Addr::UNSPECIFIED), 0..0),
+                    |(c, s)| (*c, s.clone()),
+                );
+                let wanted = requests.iter().filter(|r| r.network == req.network).count();
+                ctx.report(
                         &d.nics[i].net_span,
                         &format!("nodes[{}].nics[{i}].network", d.index),
                         format!(
@@ -1735,7 +1981,6 @@ fn allocate(
                             ipam::host_count(cidr).saturating_sub(pools[req.network].1.len() as u64)
                         )),
                     );
-                }
             }
             None => {}
         }
@@ -1767,14 +2012,22 @@ fn finish_kubernetes(
             Some((cidr, _)) => format!(
                 "add control-plane-vip = \"<a free address of {cidr}>\" to [kubernetes]; the API server is reached through it"
             ),
-            None => "add control-plane-vip to [kubernetes]; the API server is reached through it".to_string(),
+            None => "add control-plane-vip to [kubernetes]; the API server is reached through it"
+                .to_string(),
         };
         // A VIP that was written but rejected has its own message already.
-        if ctx.diags.iter().all(|d| d.field != "kubernetes.control-plane-vip") {
+        if ctx
+            .diags
+            .iter()
+            .all(|d| d.field != "kubernetes.control-plane-vip")
+        {
             ctx.report(
                 &k.span,
                 "kubernetes.control-plane-vip",
-                format!("[kubernetes] {} control-plane nodes need a `control-plane-vip`", cps.len()),
+                format!(
+                    "[kubernetes] {} control-plane nodes need a `control-plane-vip`",
+                    cps.len()
+                ),
                 Some(hint),
             );
         }
@@ -1797,8 +2050,14 @@ mod tests {
 
     #[test]
     fn cidrs() {
-        assert_eq!(parse_cidr("10.10.1.0/24").unwrap().to_string(), "10.10.1.0/24");
-        assert_eq!(parse_cidr("10.10.1.5/24"), Err(CidrError::HostBits("10.10.1.0/24".parse().unwrap())));
+        assert_eq!(
+            parse_cidr("10.10.1.0/24").unwrap().to_string(),
+            "10.10.1.0/24"
+        );
+        assert_eq!(
+            parse_cidr("10.10.1.5/24"),
+            Err(CidrError::HostBits("10.10.1.0/24".parse().unwrap()))
+        );
         assert_eq!(parse_cidr("10.10.1.0"), Err(CidrError::Syntax));
         assert_eq!(parse_cidr("10.10.1.0/33"), Err(CidrError::Syntax));
         assert_eq!(parse_cidr("10.10.1.0/"), Err(CidrError::Syntax));

@@ -95,7 +95,10 @@ pub struct Request {
 /// Addresses for `requests` (node order, NIC order) on `networks` (cidr, addresses never to hand
 /// out — gateway, VIP). Fixed addresses are kept as they are; automatic ones get the next free
 /// address, or `None` when the network is exhausted.
-pub fn assign(networks: &[(Ipv4Network, Vec<Ipv4Addr>)], requests: &[Request]) -> Vec<Option<Ipv4Addr>> {
+pub fn assign(
+    networks: &[(Ipv4Network, Vec<Ipv4Addr>)],
+    requests: &[Request],
+) -> Vec<Option<Ipv4Addr>> {
     let mut pools: Vec<Pool> = networks
         .iter()
         .enumerate()
@@ -132,7 +135,10 @@ mod tests {
         assert_eq!(host_count(net("10.0.0.0/24")), 254);
         assert_eq!(host_count(net("10.0.0.0/30")), 2);
         assert_eq!(host_count(net("10.0.0.0/31")), 0);
-        assert_eq!(first_host(net("192.168.150.0/24")), Some(ip("192.168.150.1")));
+        assert_eq!(
+            first_host(net("192.168.150.0/24")),
+            Some(ip("192.168.150.1"))
+        );
         assert_eq!(first_host(net("10.0.0.0/32")), None);
     }
 
@@ -140,16 +146,30 @@ mod tests {
     fn host_checks() {
         let n = net("10.10.1.0/24");
         assert_eq!(check_host(n, ip("10.10.1.10")), Ok(()));
-        assert_eq!(check_host(n, ip("10.10.1.0")), Err(Unusable::NetworkAddress));
+        assert_eq!(
+            check_host(n, ip("10.10.1.0")),
+            Err(Unusable::NetworkAddress)
+        );
         assert_eq!(check_host(n, ip("10.10.1.255")), Err(Unusable::Broadcast));
-        assert_eq!(check_host(n, ip("10.10.2.1")), Err(Unusable::OutsideNetwork));
+        assert_eq!(
+            check_host(n, ip("10.10.2.1")),
+            Err(Unusable::OutsideNetwork)
+        );
     }
 
     #[test]
     fn pool_skips_reserved_and_exhausts() {
         let mut p = Pool::new(net("10.0.0.0/29"), [ip("10.0.0.1"), ip("10.0.0.3")]);
         let got: Vec<_> = std::iter::from_fn(|| p.allocate()).collect();
-        assert_eq!(got, vec![ip("10.0.0.2"), ip("10.0.0.4"), ip("10.0.0.5"), ip("10.0.0.6")]);
+        assert_eq!(
+            got,
+            vec![
+                ip("10.0.0.2"),
+                ip("10.0.0.4"),
+                ip("10.0.0.5"),
+                ip("10.0.0.6")
+            ]
+        );
         assert_eq!(p.allocate(), None);
     }
 
@@ -168,12 +188,30 @@ mod tests {
             (net("10.0.1.0/24"), vec![ip("10.0.1.1"), ip("10.0.1.100")]),
         ];
         let reqs = [
-            Request { network: 0, fixed: None },
-            Request { network: 1, fixed: Some(ip("10.0.1.3")) },
-            Request { network: 0, fixed: Some(ip("10.0.0.2")) },
-            Request { network: 1, fixed: None },
-            Request { network: 1, fixed: None },
-            Request { network: 1, fixed: None },
+            Request {
+                network: 0,
+                fixed: None,
+            },
+            Request {
+                network: 1,
+                fixed: Some(ip("10.0.1.3")),
+            },
+            Request {
+                network: 0,
+                fixed: Some(ip("10.0.0.2")),
+            },
+            Request {
+                network: 1,
+                fixed: None,
+            },
+            Request {
+                network: 1,
+                fixed: None,
+            },
+            Request {
+                network: 1,
+                fixed: None,
+            },
         ];
         let a = assign(&nets, &reqs);
         assert_eq!(
@@ -190,14 +228,26 @@ mod tests {
         assert_eq!(assign(&nets, &reqs), a, "same input, same output");
         // Appending a request does not move earlier automatic addresses.
         let mut more = reqs.to_vec();
-        more.push(Request { network: 0, fixed: None });
+        more.push(Request {
+            network: 0,
+            fixed: None,
+        });
         assert_eq!(&assign(&nets, &more)[..reqs.len()], &a[..]);
     }
 
     #[test]
     fn assign_reports_exhaustion() {
         let nets = vec![(net("10.0.0.0/30"), vec![ip("10.0.0.1")])];
-        let reqs = [Request { network: 0, fixed: None }, Request { network: 0, fixed: None }];
+        let reqs = [
+            Request {
+                network: 0,
+                fixed: None,
+            },
+            Request {
+                network: 0,
+                fixed: None,
+            },
+        ];
         assert_eq!(assign(&nets, &reqs), vec![Some(ip("10.0.0.2")), None]);
     }
 }

@@ -23,7 +23,11 @@ fn files(ext: &str) -> Vec<PathBuf> {
 fn invalid_labs_give_exactly_the_expected_diagnostics() {
     let bless = std::env::var_os("KLAB_BLESS").is_some_and(|v| v == "1");
     let labs = files("toml");
-    assert!(labs.len() >= 35, "the corpus should hold at least 35 labs, found {}", labs.len());
+    assert!(
+        labs.len() >= 35,
+        "the corpus should hold at least 35 labs, found {}",
+        labs.len()
+    );
     let mut failures = Vec::new();
     for lab in &labs {
         let name = lab.file_name().unwrap().to_string_lossy().into_owned();
@@ -55,7 +59,11 @@ fn invalid_labs_give_exactly_the_expected_diagnostics() {
 #[test]
 fn every_expected_file_has_its_lab() {
     for exp in files("expected") {
-        assert!(exp.with_extension("toml").exists(), "{} has no .toml", exp.display());
+        assert!(
+            exp.with_extension("toml").exists(),
+            "{} has no .toml",
+            exp.display()
+        );
     }
 }
 
@@ -66,8 +74,14 @@ fn multi_error_files_report_every_error() {
         .iter()
         .filter(|p| {
             let text = fs::read_to_string(p).unwrap();
-            text.lines().filter(|l| l.starts_with("tests/invalid/")).count() >= 3
+            text.lines()
+                .filter(|l| l.starts_with("tests/invalid/"))
+                .count()
+                >= 3
         })
         .count();
-    assert!(multi >= 3, "only {multi} corpus files have three or more errors");
+    assert!(
+        multi >= 3,
+        "only {multi} corpus files have three or more errors"
+    );
 }
