@@ -138,7 +138,41 @@ fn finish(mut diags: Vec<Diagnostic>) -> Diagnostics {
 
 /// JSON Schema (draft 2020-12) of the lab file, for editors and `klab schema`.
 pub fn schema_json() -> serde_json::Value {
-    schemars::schema_for!(raw::LabConfig).to_value()
+    let mut v = schemars::schema_for!(raw::LabConfig).to_value();
+    drop_null(&mut v);
+    v
+}
+
+/// TOML has no null (a value is left out by leaving out its key), so the `null` alternatives
+/// schemars adds for `Option` fields would only mislead editors.
+fn drop_null(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if types.len() == 1 {
+                    let only = types.remove(0);
+                    map.insert("type".into(), only);
+                }
+            }
+            if let Some(Value::Array(alts)) = map.get_mut("anyOf") {
+                alts.retain(|a| a.get("type").is_none_or(|t| t != "null"));
+                if alts.len() == 1 {
+                    let only = alts.remove(0);
+                    map.remove("anyOf");
+                    if let Value::Object(inner) = only {
+                        for (k, val) in inner {
+                            map.entry(k).or_insert(val);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(drop_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null),
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -378,7 +412,14 @@ control-plane-vip = "10.1.0.2"
         assert_eq!(s["additionalProperties"], serde_json::Value::Bool(false));
         assert!(s["required"].as_array().unwrap().contains(&"name".into()));
         let node = &s["$defs"]["NodeConfig"]["properties"];
-        assert_eq!(node["cpus"]["type"], serde_json::json!(["integer", "null"]));
+        assert_eq!(node["cpus"]["type"], "integer");
+        assert_eq!(node["cpus"]["minimum"], 1);
+        assert_eq!(node["role"]["$ref"], "#/$defs/RoleName");
+        assert!(!s.to_string().contains("null"), "TOML has no null");
+        assert_eq!(
+            s["$defs"]["NetworkConfig"]["required"],
+            serde_json::json!(["mode", "cidr"])
+        );
     }
 
     #[test]

@@ -133,6 +133,7 @@ pub enum AccelName {
 pub struct DefaultsConfig {
     /// Catalog image name (`debian-12`, `ubuntu-24.04`, `almalinux-9`) or a key of `[images]`.
     pub image: Option<Field<String>>,
+    #[schemars(range(min = 1, max = 256))]
     pub cpus: Option<Field<u32>>,
     /// Memory with a unit: `MiB` or `GiB`, e.g. `"2GiB"`.
     pub memory: Option<Field<String>>,
@@ -187,6 +188,7 @@ pub struct NetworkConfig {
     pub bridge: Option<Field<String>>,
     /// Nameservers for nodes whose NIC 1 is here.
     pub dns: Option<Sp<Vec<Field<String>>>>,
+    #[schemars(range(min = 576, max = 9000))]
     pub mtu: Option<Field<u32>>,
 }
 
@@ -209,8 +211,11 @@ pub struct NodeConfig {
     pub role: Option<Field<RoleName>>,
     /// Make this many nodes (`w` with count 3 → `w1`, `w2`, `w3`). A fixed NIC address is the first
     /// node's; the others get the following addresses.
+    #[schemars(range(min = 1, max = 1000))]
     pub count: Option<Field<i64>>,
+    /// Catalog image name or a key of `[images]` (default: `[defaults]`, then `debian-12`).
     pub image: Option<Field<String>>,
+    #[schemars(range(min = 1, max = 256))]
     pub cpus: Option<Field<u32>>,
     pub memory: Option<Field<String>>,
     pub disk: Option<Field<String>>,
