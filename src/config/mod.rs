@@ -58,8 +58,9 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
             return Err(finish(ctx.diags));
         }
     };
-    let schema = schema_json();
-    for u in keys::unknown_keys(table.get_ref(), &schema) {
+    // Built once: the schema is a constant of the program.
+    static SCHEMA: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(schema_json);
+    for u in keys::unknown_keys(table.get_ref(), &SCHEMA) {
         let message = if u.owner.is_empty() {
             format!("unknown key `{}`", u.key)
         } else {
@@ -227,6 +228,29 @@ nics = [ { network = "net" } ]
     }
 
     #[test]
+    fn quickstart_addresses_match_its_comments() {
+        let lab = lab_file("quickstart.toml");
+        assert_eq!(
+            ips(&lab, "outside"),
+            pairs(&[("cp1", "192.168.150.10"), ("w1", "192.168.150.2")])
+        );
+        assert_eq!(
+            ips(&lab, "cluster"),
+            pairs(&[("cp1", "10.10.1.10"), ("w1", "10.10.1.2")])
+        );
+        let plain = lab_file("plain-vms.toml");
+        assert_eq!(
+            ips(&plain, "backend"),
+            pairs(&[
+                ("web1", "10.20.0.2"),
+                ("web2", "10.20.0.3"),
+                ("db", "10.20.0.100")
+            ])
+        );
+        assert_eq!(plain.network("backend").unwrap().mtu, Some(1450));
+    }
+
+    #[test]
     fn seed_000_matches_the_write_up() {
         let lab = lab_file("seed-000-kubespray-hyperv.toml");
         assert_eq!(
@@ -376,6 +400,32 @@ control-plane-vip = "10.1.0.2"
         sorted.sort();
         assert_eq!(pos, sorted);
         assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    /// Truncated and mangled lab files must give diagnostics, never a panic.
+    #[test]
+    fn never_panics_on_mangled_input() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut sources = Vec::new();
+        for dir in ["labs", "tests/invalid"] {
+            for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    sources.push(std::fs::read_to_string(path).unwrap());
+                }
+            }
+        }
+        let mut runs = 0;
+        for src in &sources {
+            for (i, _) in src.char_indices().step_by(5) {
+                let _ = parse_str(&src[..i], "cut.toml");
+                let mut swapped = src.clone();
+                swapped.replace_range(i..i, "\"");
+                let _ = parse_str(&swapped, "quote.toml");
+                runs += 2;
+            }
+        }
+        assert!(runs > 1000);
     }
 
     #[test]
