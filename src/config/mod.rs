@@ -385,6 +385,53 @@ control-plane-vip = "10.1.0.2"
     }
 
     #[test]
+    fn custom_images_and_catalog_override() {
+        let src = format!(
+            "{MIN}image = \"local\"\n{}",
+            r#"
+[[nodes]]
+name = "b"
+image = "debian-12"
+nics = [ { network = "net" } ]
+[images.local]
+path = "/var/lib/klab/images/local.qcow2"
+family = "alma"
+kernel = "/var/lib/klab/images/vmlinuz"
+initrd = "/var/lib/klab/images/initrd.img"
+cmdline = "root=/dev/vda rw console=ttyS0"
+[images.debian-12]
+url = "https://mirror.example/debian.qcow2"
+sha256 = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+[images.unused]
+path = "/x.qcow2"
+"#
+        );
+        let lab = parse_str(&src, "t.toml").unwrap();
+        assert_eq!(lab.nodes[0].image, "local");
+        assert_eq!(
+            lab.images.keys().collect::<Vec<_>>(),
+            ["debian-12", "local"]
+        );
+        let local = &lab.images["local"];
+        assert_eq!(local.family, crate::model::OsFamily::Alma);
+        assert_eq!(
+            local.kernel.as_deref(),
+            Some(Path::new("/var/lib/klab/images/vmlinuz"))
+        );
+        assert_eq!(
+            local.cmdline.as_deref(),
+            Some("root=/dev/vda rw console=ttyS0")
+        );
+        assert_eq!(
+            lab.images["debian-12"].source,
+            crate::model::ImageSource::Url {
+                url: "https://mirror.example/debian.qcow2".into(),
+                sha256: "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into()
+            }
+        );
+    }
+
+    #[test]
     fn load_file_reports_io_errors_with_the_path() {
         let e = load_file(Path::new("/nonexistent/lab.toml")).unwrap_err();
         assert!(matches!(e, LoadError::Io { .. }));
