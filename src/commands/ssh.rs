@@ -8,7 +8,7 @@ use super::{CmdError, chain, resolve_lab_name};
 use crate::cli::GlobalArgs;
 use crate::output::Printer;
 use crate::plan::LabPlan;
-use crate::provision::Remote;
+use crate::provision::{Remote, shell_quote};
 use crate::provision::ssh::{SshTarget, connect};
 use crate::state::StateDir;
 
@@ -126,30 +126,4 @@ fn exec_openssh(cfg: &Path, node: &str) -> String {
         .arg(node)
         .exec();
     err.to_string()
-}
-
-/// Quote an argument for the remote POSIX shell (only when needed, so simple commands read naturally).
-pub fn shell_quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
-    {
-        s.to_string()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shell_quote;
-
-    #[test]
-    fn quoting_keeps_simple_words_and_protects_the_rest() {
-        assert_eq!(shell_quote("ip"), "ip");
-        assert_eq!(shell_quote("-4"), "-4");
-        assert_eq!(shell_quote("a b"), "'a b'");
-        assert_eq!(shell_quote("it's"), "'it'\\''s'");
-        assert_eq!(shell_quote(""), "''");
-    }
 }

@@ -1,21 +1,538 @@
 //! Lab file loading and validation: `lab.toml` → [`crate::model::Lab`], or every error found,
 //! each with file, line, column, field and a hint.
+//!
+//! Three passes over the text, all pure: TOML syntax (one error, it stops everything), unknown keys
+//! (walked against the lab file's JSON Schema), then deserialization into [`raw`] and semantic
+//! validation, which collects every error in one run.
 
 mod diagnostic;
+mod keys;
+pub mod raw;
+pub mod units;
+mod validate;
+
+use std::path::{Path, PathBuf};
 
 pub use diagnostic::{Diagnostic, Diagnostics};
 
 use crate::model::Lab;
 
+/// Reading a lab file from disk failed, or its content is not a valid lab.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read lab file {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Displays every diagnostic, one per line (with hints).
+    #[error(transparent)]
+    Invalid(#[from] Diagnostics),
+}
+
+/// Read and validate a lab file. Messages name the file as `path` is written.
+pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
+    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(parse_str(&src, &path.display().to_string())?)
+}
+
 /// Parse and validate lab-file text. `file` is the name used in messages. Pure (no I/O).
 pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
-    let _ = src;
-    Err(Diagnostics(vec![Diagnostic {
-        file: file.to_string(),
-        line: 1,
-        col: 1,
-        field: String::new(),
-        message: "lab file parsing is not implemented yet".into(),
-        hint: None,
-    }]))
+    let mut ctx = validate::Ctx::new(src, file);
+    let table = match toml::de::DeTable::parse(src) {
+        Ok(t) => t,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let hint =
+                bare_word(src, span.start).map(|w| format!("strings must be quoted: \"{w}\""));
+            ctx.report(
+                &span,
+                "",
+                format!("TOML syntax error: {}", e.message().trim_end()),
+                hint,
+            );
+            return Err(finish(ctx.diags));
+        }
+    };
+    // Built once: the schema is a constant of the program.
+    static SCHEMA: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(schema_json);
+    for u in keys::unknown_keys(table.get_ref(), &SCHEMA) {
+        let message = if u.owner.is_empty() {
+            format!("unknown key `{}`", u.key)
+        } else {
+            format!("unknown key `{}` in {}", u.key, u.owner)
+        };
+        let hint = match &u.suggestion {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if u.known.is_empty() => "remove it".to_string(),
+            None => format!(
+                "valid keys here: {}",
+                u.known
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        ctx.report(&u.span, &u.path, message, Some(hint));
+        if let Some(s) = &u.suggestion {
+            let parent = u.path[..u.path.len() - u.key.len()].trim_end_matches('.');
+            ctx.suggested.insert(if parent.is_empty() {
+                s.clone()
+            } else {
+                format!("{parent}.{s}")
+            });
+        }
+    }
+    let cfg: raw::LabConfig = match toml::from_str(src) {
+        Ok(c) => c,
+        Err(e) => {
+            // A value of the wrong shape (a string where a table belongs): nothing below it can be
+            // checked, so this is reported with the unknown keys and nothing else.
+            let span = e.span().unwrap_or(0..0);
+            ctx.report(&span, "", shape_message(e.message()), None);
+            return Err(finish(ctx.diags));
+        }
+    };
+    match validate::validate(&cfg, &mut ctx) {
+        Some(lab) if ctx.diags.is_empty() => Ok(lab),
+        _ => Err(finish(ctx.diags)),
+    }
+}
+
+/// The unquoted word a syntax error points at, when it follows `=` (`mode = nat`).
+fn bare_word(src: &str, at: usize) -> Option<&str> {
+    let rest = src.get(at..)?;
+    let len = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/')))
+        .unwrap_or(rest.len());
+    let word = &rest[..len];
+    let before = src.get(..at)?.trim_end_matches([' ', '\t']);
+    let starts_alpha = word.starts_with(|c: char| c.is_ascii_alphabetic());
+    let keyword = matches!(word, "true" | "false" | "inf" | "nan");
+    (before.ends_with('=') && starts_alpha && !keyword).then_some(word)
+}
+
+/// serde's wording (`expected struct NicConfig`) in the lab file's terms.
+fn shape_message(msg: &str) -> String {
+    let msg = msg.trim_end();
+    let mut out = msg
+        .strip_prefix("invalid type: ")
+        .unwrap_or(msg)
+        .to_string();
+    if let Some(pos) = out.find("expected struct ") {
+        out.replace_range(pos.., "expected a table");
+    }
+    format!("wrong type: {out}")
+}
+
+fn finish(mut diags: Vec<Diagnostic>) -> Diagnostics {
+    // Stable: errors at the same position keep the order they were found in.
+    diags.sort_by_key(|d| (d.line, d.col));
+    diags.dedup();
+    Diagnostics(diags)
+}
+
+/// JSON Schema (draft 2020-12) of the lab file, for editors and `klab schema`.
+pub fn schema_json() -> serde_json::Value {
+    let mut v = schemars::schema_for!(raw::LabConfig).to_value();
+    drop_null(&mut v);
+    v
+}
+
+/// TOML has no null (a value is left out by leaving out its key), so the `null` alternatives
+/// schemars adds for `Option` fields would only mislead editors.
+fn drop_null(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            if let Some(Value::Array(types)) = map.get_mut("type") {
+                types.retain(|t| t != "null");
+                if types.len() == 1 {
+                    let only = types.remove(0);
+                    map.insert("type".into(), only);
+                }
+            }
+            if let Some(Value::Array(alts)) = map.get_mut("anyOf") {
+                alts.retain(|a| a.get("type").is_none_or(|t| t != "null"));
+                if alts.len() == 1 {
+                    let only = alts.remove(0);
+                    map.remove("anyOf");
+                    if let Value::Object(inner) = only {
+                        for (k, val) in inner {
+                            map.entry(k).or_insert(val);
+                        }
+                    }
+                }
+            }
+            map.values_mut().for_each(drop_null);
+        }
+        Value::Array(items) => items.iter_mut().for_each(drop_null),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+name = "t"
+[networks.net]
+mode = "isolated"
+cidr = "10.1.0.0/24"
+[[nodes]]
+name = "a"
+nics = [ { network = "net" } ]
+"#;
+
+    #[test]
+    fn minimal_lab_gets_defaults() {
+        let lab = parse_str(MIN, "lab.toml").unwrap();
+        assert_eq!(lab.name, "t");
+        let n = &lab.nodes[0];
+        assert_eq!(n.cpus, crate::model::defaults::CPUS);
+        assert_eq!(n.memory_mib, crate::model::defaults::MEMORY_MIB);
+        assert_eq!(n.image, crate::model::defaults::IMAGE);
+        assert_eq!(n.nics[0].ip.to_string(), "10.1.0.2");
+        assert_eq!(lab.networks[0].gateway.to_string(), "10.1.0.1");
+        assert!(lab.images.contains_key("debian-12"));
+        assert!(lab.kubernetes.is_none());
+    }
+
+    fn lab_file(name: &str) -> Lab {
+        let path = format!("{}/labs/{name}", env!("CARGO_MANIFEST_DIR"));
+        load_file(Path::new(&path)).unwrap()
+    }
+
+    fn ips(lab: &Lab, network: &str) -> Vec<(String, String)> {
+        lab.nodes
+            .iter()
+            .flat_map(|n| {
+                n.nics
+                    .iter()
+                    .filter(|c| c.network == network)
+                    .map(|c| (n.name.clone(), c.ip.to_string()))
+            })
+            .collect()
+    }
+
+    fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn quickstart_addresses_match_its_comments() {
+        let lab = lab_file("quickstart.toml");
+        assert_eq!(
+            ips(&lab, "outside"),
+            pairs(&[("cp1", "192.168.150.10"), ("w1", "192.168.150.2")])
+        );
+        assert_eq!(
+            ips(&lab, "cluster"),
+            pairs(&[("cp1", "10.10.1.10"), ("w1", "10.10.1.2")])
+        );
+        let plain = lab_file("plain-vms.toml");
+        assert_eq!(
+            ips(&plain, "backend"),
+            pairs(&[
+                ("web1", "10.20.0.2"),
+                ("web2", "10.20.0.3"),
+                ("db", "10.20.0.100")
+            ])
+        );
+        assert_eq!(plain.network("backend").unwrap().mtu, Some(1450));
+    }
+
+    #[test]
+    fn seed_000_matches_the_write_up() {
+        let lab = lab_file("seed-000-kubespray-hyperv.toml");
+        assert_eq!(
+            ips(&lab, "internal"),
+            pairs(&[
+                ("alma1", "10.10.1.10"),
+                ("alma-w1", "10.10.1.11"),
+                ("alma-w2", "10.10.1.12")
+            ])
+        );
+        let cp = lab.node("alma1").unwrap();
+        assert_eq!((cp.cpus, cp.memory_mib, cp.disk_gib), (2, 4096, 20));
+        assert_eq!(lab.node("alma-w2").unwrap().memory_mib, 2048);
+        assert_eq!(
+            lab.images["almalinux-9"].family,
+            crate::model::OsFamily::Alma
+        );
+        let k = lab.kubernetes.as_ref().unwrap();
+        assert_eq!(
+            (k.version.as_str(), k.service_cidr.to_string()),
+            ("1.32", "10.233.0.0/18".into())
+        );
+        // NIC 1 (the default route) is the NAT network.
+        assert!(lab.nodes.iter().all(|n| n.nics[0].network == "outside"));
+    }
+
+    #[test]
+    fn seed_001_has_three_control_planes_behind_a_vip() {
+        let lab = lab_file("seed-001-ha.toml");
+        let cps: Vec<&str> = lab
+            .nodes
+            .iter()
+            .filter(|n| n.role == crate::model::Role::ControlPlane)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(cps, ["master01", "master02", "master03"]);
+        assert_eq!(lab.nodes.len(), 7);
+        let k = lab.kubernetes.as_ref().unwrap();
+        assert_eq!(k.control_plane_vip, Some("192.168.3.10".parse().unwrap()));
+        assert_eq!(k.pod_cidr.to_string(), "10.244.0.0/16");
+        assert_eq!(k.calico_version, crate::model::defaults::CALICO_VERSION);
+    }
+
+    #[test]
+    fn e2e_lab_is_small_plain_and_isolated() {
+        let lab = lab_file("e2e-isolated.toml");
+        assert_eq!(lab.host.accel, crate::model::Accel::Qemu);
+        assert!(lab.kubernetes.is_none());
+        assert!(
+            lab.networks
+                .iter()
+                .all(|n| n.mode == crate::model::NetworkMode::Isolated)
+        );
+        assert_eq!(
+            ips(&lab, "net1"),
+            pairs(&[
+                ("vm1", "10.231.1.11"),
+                ("vm2", "10.231.1.12"),
+                ("vm3", "10.231.1.13")
+            ])
+        );
+        assert_eq!(
+            ips(&lab, "net2"),
+            pairs(&[
+                ("vm1", "10.231.2.2"),
+                ("vm2", "10.231.2.3"),
+                ("vm3", "10.231.2.4")
+            ])
+        );
+        assert!(
+            lab.nodes
+                .iter()
+                .all(|n| n.cpus == 1 && n.memory_mib == 1024)
+        );
+        assert_eq!(lab.timeouts.ssh, std::time::Duration::from_secs(240));
+    }
+
+    #[test]
+    fn bridge_lab_keeps_bridge_gateway_and_dns() {
+        let lab = lab_file("seed-004-bridge.toml");
+        let lan = lab.network("lan").unwrap();
+        assert_eq!(lan.bridge.as_deref(), Some("br0"));
+        assert_eq!(lan.gateway.to_string(), "192.168.182.1");
+        assert_eq!(
+            lan.dns,
+            vec!["192.168.182.1".parse::<std::net::Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            lab.kubernetes.as_ref().unwrap().cluster_network,
+            "kube-isolated"
+        );
+    }
+
+    #[test]
+    fn automatic_addresses_skip_gateway_vip_and_fixed_ones() {
+        let src = r#"
+name = "t"
+[networks.c]
+mode = "isolated"
+cidr = "10.1.0.0/24"
+gateway = "10.1.0.3"
+[[nodes]]
+name = "cp"
+count = 3
+role = "control-plane"
+nics = [ { network = "c" } ]
+[[nodes]]
+name = "w1"
+role = "worker"
+nics = [ { network = "c", ip = "10.1.0.4" } ]
+[[nodes]]
+name = "w2"
+role = "worker"
+nics = [ { network = "c" } ]
+[kubernetes]
+version = "1.32"
+cluster-network = "c"
+control-plane-vip = "10.1.0.2"
+"#;
+        let lab = parse_str(src, "t.toml").unwrap();
+        assert_eq!(
+            ips(&lab, "c"),
+            pairs(&[
+                ("cp1", "10.1.0.1"),
+                ("cp2", "10.1.0.5"),
+                ("cp3", "10.1.0.6"),
+                ("w1", "10.1.0.4"),
+                ("w2", "10.1.0.7"),
+            ])
+        );
+        assert_eq!(parse_str(src, "t.toml").unwrap(), lab, "deterministic");
+    }
+
+    #[test]
+    fn custom_images_and_catalog_override() {
+        let src = format!(
+            "{MIN}image = \"local\"\n{}",
+            r#"
+[[nodes]]
+name = "b"
+image = "debian-12"
+nics = [ { network = "net" } ]
+[images.local]
+path = "/var/lib/klab/images/local.qcow2"
+family = "alma"
+kernel = "/var/lib/klab/images/vmlinuz"
+initrd = "/var/lib/klab/images/initrd.img"
+cmdline = "root=/dev/vda rw console=ttyS0"
+[images.debian-12]
+url = "https://mirror.example/debian.qcow2"
+sha256 = "ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+[images.unused]
+path = "/x.qcow2"
+"#
+        );
+        let lab = parse_str(&src, "t.toml").unwrap();
+        assert_eq!(lab.nodes[0].image, "local");
+        assert_eq!(
+            lab.images.keys().collect::<Vec<_>>(),
+            ["debian-12", "local"]
+        );
+        let local = &lab.images["local"];
+        assert_eq!(local.family, crate::model::OsFamily::Alma);
+        assert_eq!(
+            local.kernel.as_deref(),
+            Some(Path::new("/var/lib/klab/images/vmlinuz"))
+        );
+        assert_eq!(
+            local.cmdline.as_deref(),
+            Some("root=/dev/vda rw console=ttyS0")
+        );
+        assert_eq!(
+            lab.images["debian-12"].source,
+            crate::model::ImageSource::Url {
+                url: "https://mirror.example/debian.qcow2".into(),
+                sha256: "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into()
+            }
+        );
+    }
+
+    #[test]
+    fn load_file_reports_io_errors_with_the_path() {
+        let e = load_file(Path::new("/nonexistent/lab.toml")).unwrap_err();
+        assert!(matches!(e, LoadError::Io { .. }));
+        assert_eq!(e.to_string(), "cannot read lab file /nonexistent/lab.toml");
+    }
+
+    #[test]
+    fn diagnostics_are_sorted_by_position() {
+        let src = "name = \"t\"\n[[nodes]]\nname = \"B\"\ncpus = 0\nnics = [ { network = \"x\" } ]\n[host]\naccel = \"fast\"\n";
+        let e = parse_str(src, "t.toml").unwrap_err();
+        let pos: Vec<(usize, usize)> = e.0.iter().map(|d| (d.line, d.col)).collect();
+        let mut sorted = pos.clone();
+        sorted.sort();
+        assert_eq!(pos, sorted);
+        assert_eq!(e.0.len(), 4, "{e}");
+    }
+
+    /// Truncated and mangled lab files must give diagnostics, never a panic.
+    #[test]
+    fn never_panics_on_mangled_input() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        let mut sources = Vec::new();
+        for dir in ["labs", "tests/invalid"] {
+            for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    sources.push(std::fs::read_to_string(path).unwrap());
+                }
+            }
+        }
+        let mut runs = 0;
+        for src in &sources {
+            for (i, _) in src.char_indices().step_by(5) {
+                let _ = parse_str(&src[..i], "cut.toml");
+                let mut swapped = src.clone();
+                swapped.replace_range(i..i, "\"");
+                let _ = parse_str(&swapped, "quote.toml");
+                runs += 2;
+            }
+        }
+        assert!(runs > 1000);
+    }
+
+    #[test]
+    fn syntax_error_is_one_diagnostic() {
+        let e = parse_str("name = \n", "x.toml").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!((e.0[0].line, e.0[0].col), (1, 8));
+        assert!(e.0[0].message.starts_with("TOML syntax error"), "{e}");
+    }
+
+    #[test]
+    fn shape_error_keeps_unknown_keys() {
+        let e = parse_str("name = \"t\"\nnodez = 1\nnodes = 3\n", "x.toml").unwrap_err();
+        let lines: Vec<usize> = e.0.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![2, 3], "{e}");
+    }
+
+    #[test]
+    fn schema_describes_the_file() {
+        let s = schema_json();
+        let props = s["properties"].as_object().unwrap();
+        for k in [
+            "name",
+            "host",
+            "defaults",
+            "images",
+            "networks",
+            "nodes",
+            "kubernetes",
+            "timeouts",
+        ] {
+            assert!(props.contains_key(k), "{k}");
+        }
+        assert_eq!(s["additionalProperties"], serde_json::Value::Bool(false));
+        assert!(s["required"].as_array().unwrap().contains(&"name".into()));
+        let node = &s["$defs"]["NodeConfig"]["properties"];
+        assert_eq!(node["cpus"]["type"], "integer");
+        assert_eq!(node["cpus"]["minimum"], 1);
+        assert_eq!(node["role"]["$ref"], "#/$defs/RoleName");
+        assert!(!s.to_string().contains("null"), "TOML has no null");
+        assert_eq!(
+            s["$defs"]["NetworkConfig"]["required"],
+            serde_json::json!(["mode", "cidr"])
+        );
+    }
+
+    #[test]
+    fn every_lab_in_labs_validates() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/labs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let src = std::fs::read_to_string(&path).unwrap();
+                if let Err(e) = parse_str(&src, &path.display().to_string()) {
+                    panic!("{e}");
+                }
+                n += 1;
+            }
+        }
+        assert!(n >= 6, "expected the example labs, found {n}");
+    }
 }

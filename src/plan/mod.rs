@@ -2,6 +2,7 @@
 
 #[doc(hidden)]
 pub mod fixtures;
+pub mod ipam;
 pub mod mac;
 pub mod names;
 pub mod steps;
