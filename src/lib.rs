@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod catalog;
 pub mod config;
+pub mod image;
 pub mod model;
 pub mod plan;
 pub mod provision;
