@@ -152,7 +152,9 @@ fn valid_key(key: &str) -> bool {
 }
 
 fn package_name_ok(p: &str) -> bool {
-    !p.is_empty()
+    p.bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         && p.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.'))
 }
