@@ -35,6 +35,8 @@ pub const DEBIAN12_PACKAGES: &[&str] = &[
     "ca-certificates",
     "netbase",
     "python3-cffi-backend",
+    // debootstrap does not resolve resolved's virtual `default-dbus-system-bus` dependency.
+    "dbus",
     "systemd-resolved",
     "linux-image-amd64",
 ];
@@ -155,8 +157,9 @@ fn package_name_ok(p: &str) -> bool {
     p.bytes()
         .next()
         .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && p.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.'))
+        && p.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.')
+        })
 }
 
 const PATH_ENV: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -170,7 +173,9 @@ fn find_tool(tool: &str) -> bool {
 }
 
 fn is_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 /// Builds (or finds) the Debian 12 image in `cache`. Blocking; takes ~40 s with a warm package cache.
@@ -218,7 +223,11 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
         source,
     })?;
 
-    let work = WorkDir::create(cache.root().join(format!(".build-{key}-{}", std::process::id())))?;
+    let work = WorkDir::create(
+        cache
+            .root()
+            .join(format!(".build-{key}-{}", std::process::id())),
+    )?;
     let b = Builder {
         key,
         rootfs: work.path.join("rootfs"),
@@ -226,7 +235,10 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
     let mirror = opts.resolved_mirror();
     let packages = opts.packages();
 
-    tracing::info!("image `{key}`: debootstrap {SUITE} from {mirror} ({} packages)", packages.len());
+    tracing::info!(
+        "image `{key}`: debootstrap {SUITE} from {mirror} ({} packages)",
+        packages.len()
+    );
     let t = Instant::now();
     b.run(
         "debootstrap",
@@ -239,7 +251,10 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
             .arg(&b.rootfs)
             .arg(&mirror),
     )?;
-    tracing::info!("image `{key}`: debootstrap done in {:.1}s", t.elapsed().as_secs_f64());
+    tracing::info!(
+        "image `{key}`: debootstrap done in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     let t = Instant::now();
     b.configure(&mirror)?;
@@ -247,7 +262,10 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
     b.trim_modules(&kver)?;
     b.small_initramfs(&kver)?;
     b.cleanup()?;
-    tracing::info!("image `{key}`: configured (kernel {kver}) in {:.1}s", t.elapsed().as_secs_f64());
+    tracing::info!(
+        "image `{key}`: configured (kernel {kver}) in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     let t = Instant::now();
     let raw = work.path.join("root.raw");
@@ -278,8 +296,16 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
     b.run("qemu-img convert", convert.arg(&raw).arg(&qcow_part))?;
     let kernel_part = part_path(&cache.kernel_path(key));
     let initrd_part = part_path(&cache.initrd_path(key));
-    copy_0644(key, &b.rootfs.join(format!("boot/vmlinuz-{kver}")), &kernel_part)?;
-    copy_0644(key, &b.rootfs.join(format!("boot/initrd.img-{kver}")), &initrd_part)?;
+    copy_0644(
+        key,
+        &b.rootfs.join(format!("boot/vmlinuz-{kver}")),
+        &kernel_part,
+    )?;
+    copy_0644(
+        key,
+        &b.rootfs.join(format!("boot/initrd.img-{kver}")),
+        &initrd_part,
+    )?;
     fs::set_permissions(&qcow_part, fs::Permissions::from_mode(0o644)).map_err(|source| {
         ImageError::Write {
             path: qcow_part.clone(),
@@ -287,7 +313,10 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
         }
     })?;
     let sha256 = hash_file(key, &qcow_part, ChecksumKind::Sha256)?;
-    tracing::info!("image `{key}`: disk image written in {:.1}s", t.elapsed().as_secs_f64());
+    tracing::info!(
+        "image `{key}`: disk image written in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
 
     // The metadata goes last: without it nothing treats the set of files as a finished build.
     let meta_path = cache.meta_path(key);
@@ -404,11 +433,9 @@ fn copy_0644(key: &str, from: &Path, to: &Path) -> Result<(), ImageError> {
         path: from.to_path_buf(),
         source,
     })?;
-    fs::set_permissions(to, fs::Permissions::from_mode(0o644)).map_err(|source| {
-        ImageError::Write {
-            path: to.to_path_buf(),
-            source,
-        }
+    fs::set_permissions(to, fs::Permissions::from_mode(0o644)).map_err(|source| ImageError::Write {
+        path: to.to_path_buf(),
+        source,
     })
 }
 
@@ -613,13 +640,19 @@ impl Builder<'_> {
         )?;
         let mut sources = format!("deb {mirror} {SUITE} main\ndeb {mirror} {SUITE}-updates main\n");
         if mirror == DEFAULT_MIRROR {
-            sources.push_str("deb http://security.debian.org/debian-security bookworm-security main\n");
+            sources.push_str(
+                "deb http://security.debian.org/debian-security bookworm-security main\n",
+            );
         }
         self.write("/etc/apt/sources.list", &sources)?;
         // Every VM must get its own machine-id (DHCP client ids, journald) and its own host keys.
         self.write("/etc/machine-id", "")?;
         self.remove("/var/lib/dbus/machine-id")?;
-        for entry in fs::read_dir(self.path("/etc/ssh")).into_iter().flatten().flatten() {
+        for entry in fs::read_dir(self.path("/etc/ssh"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             if entry.file_name().to_string_lossy().starts_with("ssh_host_") {
                 let p = entry.path();
                 fs::remove_file(&p).map_err(|source| ImageError::Write { path: p, source })?;
@@ -637,9 +670,17 @@ impl Builder<'_> {
         // networkd applies cloud-init's network config; resolved turns its DNS into resolv.conf.
         self.chroot(
             "systemctl enable",
-            &["systemctl", "enable", "systemd-networkd.service", "systemd-resolved.service"],
+            &[
+                "systemctl",
+                "enable",
+                "systemd-networkd.service",
+                "systemd-resolved.service",
+            ],
         )?;
-        self.symlink("../run/systemd/resolve/stub-resolv.conf", "/etc/resolv.conf")?;
+        self.symlink(
+            "../run/systemd/resolve/stub-resolv.conf",
+            "/etc/resolv.conf",
+        )?;
         for unit in MASKED_UNITS {
             self.symlink("/dev/null", &format!("/etc/systemd/system/{unit}"))?;
         }
@@ -684,7 +725,8 @@ impl Builder<'_> {
         versions.sort();
         versions.pop().ok_or_else(|| ImageError::Build {
             key: self.key.to_string(),
-            what: "no kernel with an initrd in the image's /boot (is linux-image-amd64 installed?)".into(),
+            what: "no kernel with an initrd in the image's /boot (is linux-image-amd64 installed?)"
+                .into(),
         })
     }
 
@@ -724,7 +766,10 @@ impl Builder<'_> {
         ] {
             self.empty_dir(dir)?;
         }
-        for f in ["/var/cache/apt/pkgcache.bin", "/var/cache/apt/srcpkgcache.bin"] {
+        for f in [
+            "/var/cache/apt/pkgcache.bin",
+            "/var/cache/apt/srcpkgcache.bin",
+        ] {
             self.remove(f)?;
         }
         Ok(())
@@ -770,7 +815,12 @@ mod tests {
     #[test]
     fn package_list_has_the_test_guest_set_and_options() {
         let base = BuildOptions::default().packages();
-        for p in ["cloud-init", "openssh-server", "linux-image-amd64", "systemd-sysv"] {
+        for p in [
+            "cloud-init",
+            "openssh-server",
+            "linux-image-amd64",
+            "systemd-sysv",
+        ] {
             assert!(base.iter().any(|x| x == p), "{p} missing");
         }
         assert!(!base.iter().any(|x| x == "containerd"));

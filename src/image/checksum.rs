@@ -61,10 +61,12 @@ impl Hasher {
 
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 fn is_hex_of_len(s: &str, len: usize) -> bool {
@@ -151,7 +153,11 @@ mod tests {
             "0".repeat(64)
         );
         assert_eq!(
-            find_checksum(&list, "debian-12-genericcloud-amd64.qcow2", ChecksumKind::Sha256),
+            find_checksum(
+                &list,
+                "debian-12-genericcloud-amd64.qcow2",
+                ChecksumKind::Sha256
+            ),
             Some(H256.to_string())
         );
         let binary = format!("{}\t*noble.img\n", H256.to_uppercase());

@@ -102,7 +102,10 @@ pub(super) fn download(
     let dest = cache.base_path(key);
     let part = part_path(&dest);
     tracing::info!("image `{key}`: downloading {url}");
-    let response = agent.get(url).call().map_err(|e| download_error(key, url, e))?;
+    let response = agent
+        .get(url)
+        .call()
+        .map_err(|e| download_error(key, url, e))?;
     let total = response.body().content_length();
     let mut reader = response.into_body().into_reader();
 

@@ -411,7 +411,10 @@ fn normalize_sha256(key: &str, value: &str) -> Result<String, ImageError> {
 
 fn file_stamp(path: &Path) -> io::Result<(u64, u64, u32)> {
     let md = fs::metadata(path)?;
-    let mtime = md.modified()?.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mtime = md
+        .modified()?
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     Ok((md.len(), mtime.as_secs(), mtime.subsec_nanos()))
 }
 
@@ -583,12 +586,18 @@ pub fn check_qcow2(key: &str, path: &Path) -> Result<(), ImageError> {
     let p = path.display();
     let hint = match format {
         DiskFormat::RawPartitioned | DiskFormat::RawExt => {
-            format!("convert it: qemu-img convert -f raw -O qcow2 {p} {p}.qcow2 and set `path` to the result")
+            format!(
+                "convert it: qemu-img convert -f raw -O qcow2 {p} {p}.qcow2 and set `path` to the result"
+            )
         }
         DiskFormat::Vmdk | DiskFormat::Vhdx => {
-            format!("convert it: qemu-img convert -O qcow2 {p} {p}.qcow2 and set `path` to the result")
+            format!(
+                "convert it: qemu-img convert -O qcow2 {p} {p}.qcow2 and set `path` to the result"
+            )
         }
-        DiskFormat::Iso => "an installer ISO cannot back a VM disk; use a cloud image (qcow2)".into(),
+        DiskFormat::Iso => {
+            "an installer ISO cannot back a VM disk; use a cloud image (qcow2)".into()
+        }
         _ => "`path` must point at a qcow2 cloud image".into(),
     };
     Err(ImageError::NotQcow2 {
@@ -649,11 +658,20 @@ mod tests {
     #[test]
     fn paths_follow_the_planner_convention() {
         let c = ImageCache::new("/x/images");
-        assert_eq!(c.base_path("debian-12"), Path::new("/x/images/debian-12.qcow2"));
-        assert_eq!(c.meta_path("debian-12"), Path::new("/x/images/debian-12.json"));
+        assert_eq!(
+            c.base_path("debian-12"),
+            Path::new("/x/images/debian-12.qcow2")
+        );
+        assert_eq!(
+            c.meta_path("debian-12"),
+            Path::new("/x/images/debian-12.json")
+        );
         assert_eq!(c.kernel_path("a"), Path::new("/x/images/a.vmlinuz"));
         assert_eq!(c.initrd_path("a"), Path::new("/x/images/a.initrd"));
-        assert_eq!(part_path(Path::new("/x/a.qcow2")), Path::new("/x/a.qcow2.part"));
+        assert_eq!(
+            part_path(Path::new("/x/a.qcow2")),
+            Path::new("/x/a.qcow2.part")
+        );
     }
 
     #[test]

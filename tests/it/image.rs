@@ -47,7 +47,11 @@ impl Server {
     }
 }
 
-fn serve(stream: TcpStream, files: &HashMap<String, Vec<u8>>, hits: &Mutex<HashMap<String, usize>>) {
+fn serve(
+    stream: TcpStream,
+    files: &HashMap<String, Vec<u8>>,
+    hits: &Mutex<HashMap<String, usize>>,
+) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     if reader.read_line(&mut request_line).is_err() {
@@ -147,7 +151,10 @@ fn download_verified_by_gnu_checksum_file_then_served_from_cache() {
 
     assert_eq!(path, cache.base_path("test-img"));
     assert_eq!(fs::read(&path).unwrap(), image);
-    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
     assert_eq!(*progress.total.lock().unwrap(), Some(image.len() as u64));
     assert_eq!(progress.bytes.load(Ordering::SeqCst), image.len());
     assert_eq!(progress.finished.load(Ordering::SeqCst), 1);
@@ -175,7 +182,10 @@ fn download_verified_by_bsd_sha512_list() {
         "SHA512 (img.qcow2) = {}\n",
         digest(ChecksumKind::Sha512, &image).to_uppercase()
     );
-    let server = Server::start(vec![("/d/img.qcow2", image.clone()), ("/d/SUMS", sums.into_bytes())]);
+    let server = Server::start(vec![
+        ("/d/img.qcow2", image.clone()),
+        ("/d/SUMS", sums.into_bytes()),
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::new(dir.path());
     let source = Source::ChecksumFile {
@@ -201,11 +211,18 @@ fn bad_checksum_is_an_error_and_leaves_no_file() {
         hex: wrong.clone(),
     };
     let err = cache.fetch("bad", &source, &NoProgress).unwrap_err();
-    assert!(matches!(err, ImageError::ChecksumMismatch { .. }), "{err:?}");
+    assert!(
+        matches!(err, ImageError::ChecksumMismatch { .. }),
+        "{err:?}"
+    );
     let msg = err.to_string();
     assert!(msg.contains("image `bad`") && msg.contains(&wrong), "{msg}");
     assert!(msg.contains(&digest(ChecksumKind::Sha256, &image)), "{msg}");
-    assert!(leftovers(dir.path()).is_empty(), "{:?}", leftovers(dir.path()));
+    assert!(
+        leftovers(dir.path()).is_empty(),
+        "{:?}",
+        leftovers(dir.path())
+    );
 }
 
 #[test]
@@ -219,7 +236,10 @@ fn ensure_uses_the_sha256_from_the_lab_file() {
         family: OsFamily::Debian,
         base_path: cache.base_path("mine").display().to_string(),
         url: Some(server.url("/x.qcow2")),
-        sha256: Some(format!("sha256:{}", digest(ChecksumKind::Sha256, &image).to_uppercase())),
+        sha256: Some(format!(
+            "sha256:{}",
+            digest(ChecksumKind::Sha256, &image).to_uppercase()
+        )),
         kernel: None,
         initrd: None,
         cmdline: None,
@@ -255,7 +275,10 @@ fn a_file_placed_by_hand_is_hashed_once_instead_of_downloaded() {
         kind: ChecksumKind::Sha256,
         hex: digest(ChecksumKind::Sha256, &image),
     };
-    assert_eq!(cache.fetch("hand", &source, &NoProgress).unwrap(), cache.base_path("hand"));
+    assert_eq!(
+        cache.fetch("hand", &source, &NoProgress).unwrap(),
+        cache.base_path("hand")
+    );
     assert!(cache.meta("hand").unwrap().is_some());
 }
 
@@ -270,8 +293,14 @@ fn offline_download_error_names_image_url_and_hint() {
         checksum_url: "http://127.0.0.1:9/SHA512SUMS".into(),
         kind: ChecksumKind::Sha512,
     };
-    let msg = cache.fetch("debian-12", &source, &NoProgress).unwrap_err().to_string();
-    assert!(msg.starts_with("cannot download image `debian-12` from http://127.0.0.1:9/"), "{msg}");
+    let msg = cache
+        .fetch("debian-12", &source, &NoProgress)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("cannot download image `debian-12` from http://127.0.0.1:9/"),
+        "{msg}"
+    );
     assert!(msg.contains("klab image build debian-12"), "{msg}");
     assert!(msg.contains("[images.debian-12]"), "{msg}");
 }
@@ -281,7 +310,10 @@ fn missing_checksum_entry_and_http_errors() {
     let image = fake_qcow2(1000);
     let server = Server::start(vec![
         ("/img.qcow2", image),
-        ("/SUMS", format!("{}  else.qcow2\n", "a".repeat(64)).into_bytes()),
+        (
+            "/SUMS",
+            format!("{}  else.qcow2\n", "a".repeat(64)).into_bytes(),
+        ),
     ]);
     let dir = tempfile::tempdir().unwrap();
     let cache = ImageCache::new(dir.path());
@@ -296,7 +328,10 @@ fn missing_checksum_entry_and_http_errors() {
             &NoProgress,
         )
         .unwrap_err();
-    assert!(matches!(err, ImageError::ChecksumNotListed { .. }), "{err:?}");
+    assert!(
+        matches!(err, ImageError::ChecksumNotListed { .. }),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("`img.qcow2`"));
     assert_eq!(server.hits("/img.qcow2"), 0);
 
@@ -312,7 +347,10 @@ fn missing_checksum_entry_and_http_errors() {
         )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("cannot download image `k`") && err.contains("404"), "{err}");
+    assert!(
+        err.contains("cannot download image `k`") && err.contains("404"),
+        "{err}"
+    );
     assert!(leftovers(dir.path()).is_empty());
 }
 
@@ -357,10 +395,17 @@ fn path_images_must_exist_and_be_qcow2() {
     let cache = ImageCache::new(dir.path().join("cache"));
     let good = dir.path().join("good.qcow2");
     fs::write(&good, fake_qcow2(100)).unwrap();
-    assert_eq!(cache.ensure(&path_spec("good", &good), &NoProgress).unwrap(), good);
+    assert_eq!(
+        cache
+            .ensure(&path_spec("good", &good), &NoProgress)
+            .unwrap(),
+        good
+    );
 
     let missing = dir.path().join("nope.qcow2");
-    let err = cache.ensure(&path_spec("nope", &missing), &NoProgress).unwrap_err();
+    let err = cache
+        .ensure(&path_spec("nope", &missing), &NoProgress)
+        .unwrap_err();
     assert!(matches!(err, ImageError::Missing { .. }));
     assert!(err.to_string().contains("image `nope`"));
 
@@ -369,13 +414,19 @@ fn path_images_must_exist_and_be_qcow2() {
     mbr[510] = 0x55;
     mbr[511] = 0xAA;
     fs::write(&raw, mbr).unwrap();
-    let msg = cache.ensure(&path_spec("raw", &raw), &NoProgress).unwrap_err().to_string();
+    let msg = cache
+        .ensure(&path_spec("raw", &raw), &NoProgress)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("raw disk image, not qcow2"), "{msg}");
     assert!(msg.contains("qemu-img convert -f raw -O qcow2"), "{msg}");
 
     let empty = dir.path().join("empty.qcow2");
     fs::write(&empty, b"").unwrap();
-    let msg = cache.ensure(&path_spec("e", &empty), &NoProgress).unwrap_err().to_string();
+    let msg = cache
+        .ensure(&path_spec("e", &empty), &NoProgress)
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("not a recognised disk image"), "{msg}");
     // Path images never touch the cache.
     assert!(!cache.root().exists());
@@ -390,7 +441,10 @@ fn catalog_image_without_checksum_source_is_refused() {
         ..path_spec("custom", &dir.path().join("x"))
     };
     let msg = cache.ensure(&spec, &NoProgress).unwrap_err().to_string();
-    assert!(msg.contains("no checksum") && msg.contains("[images.custom]"), "{msg}");
+    assert!(
+        msg.contains("no checksum") && msg.contains("[images.custom]"),
+        "{msg}"
+    );
 }
 
 /// The real build: debootstrap from the Debian mirror, ~40 s warm. Root and network to Debian needed.
@@ -400,12 +454,20 @@ fn real_debian12_build() {
         eprintln!("skipped: set KLAB_E2E=1 to run the real image build");
         return;
     }
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let cache = ImageCache::from_env();
     let opts = klab::image::BuildOptions {
         with_containerd: true,
         ..Default::default()
     };
     let built = klab::image::build_debian12(&cache, &opts).unwrap();
+    eprintln!(
+        "built {} ({} bytes, reused: {}) in {:.1}s",
+        built.path.display(),
+        built.file_bytes,
+        built.reused,
+        built.elapsed.as_secs_f64()
+    );
     assert_eq!(built.path, cache.base_path("debian-12"));
     assert!(built.kernel.is_file() && built.initrd.is_file());
     let head = fs::read(&built.path).unwrap();
