@@ -151,7 +151,18 @@ pub(super) fn download(
     }
     // A checksum list can be right about the wrong thing (an HTML error page listed by mistake);
     // the overlays need a qcow2 backing file.
-    super::check_qcow2(key, &part)?;
+    let format = super::sniff_file(&part).map_err(|source| ImageError::Read {
+        key: key.to_string(),
+        path: part.clone(),
+        source,
+    })?;
+    if format != super::DiskFormat::Qcow2 {
+        return Err(download_error(
+            key,
+            url,
+            format!("received {}, not qcow2", format.describe()),
+        ));
+    }
     fs::set_permissions(&part, fs::Permissions::from_mode(0o644)).map_err(write_err)?;
     fs::rename(&part, &dest).map_err(|source| ImageError::Write {
         path: dest.clone(),

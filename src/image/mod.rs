@@ -512,7 +512,7 @@ pub enum DiskFormat {
 }
 
 impl DiskFormat {
-    fn describe(self) -> &'static str {
+    pub fn describe(self) -> &'static str {
         match self {
             Self::Qcow2 => "a qcow2 image",
             Self::RawPartitioned => "a raw disk image",
@@ -544,6 +544,17 @@ pub fn sniff_format(head: &[u8]) -> DiskFormat {
     }
 }
 
+fn sniff_reader(file: &mut fs::File) -> io::Result<DiskFormat> {
+    let mut head = Vec::with_capacity(0x8800);
+    file.take(0x8800).read_to_end(&mut head)?;
+    Ok(sniff_format(&head))
+}
+
+/// Classifies the file at `path` by its header.
+pub fn sniff_file(path: &Path) -> io::Result<DiskFormat> {
+    sniff_reader(&mut fs::File::open(path)?)
+}
+
 /// Checks that a local image exists, is readable and is qcow2 (the overlays need a qcow2 backing file).
 pub fn check_qcow2(key: &str, path: &Path) -> Result<(), ImageError> {
     let mut file = match fs::File::open(path) {
@@ -562,16 +573,11 @@ pub fn check_qcow2(key: &str, path: &Path) -> Result<(), ImageError> {
             });
         }
     };
-    let mut head = Vec::with_capacity(0x8800);
-    (&mut file)
-        .take(0x8800)
-        .read_to_end(&mut head)
-        .map_err(|source| ImageError::Read {
-            key: key.to_string(),
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let format = sniff_format(&head);
+    let format = sniff_reader(&mut file).map_err(|source| ImageError::Read {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
     if format == DiskFormat::Qcow2 {
         if let Ok(md) = file.metadata()
             && md.permissions().mode() & 0o004 == 0
