@@ -12,6 +12,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod exec;
+pub mod image;
 pub mod keys;
 pub mod model;
 pub mod observed;

@@ -1,0 +1,688 @@
+//! Base images: the local cache (`<root>/<key>.qcow2` + `<key>.json`), verified downloads of catalog and
+//! URL images, checks on local `path` images, and the local Debian build (`klab image build debian-12`).
+//!
+//! Everything here does blocking I/O; async callers run it in `spawn_blocking`.
+
+mod build;
+pub mod checksum;
+mod download;
+mod progress;
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog;
+use crate::plan::{ImageSpec, LocalImage};
+
+pub use build::{BuildOptions, BuiltImage, DEBIAN12_CMDLINE, build_debian12};
+pub use checksum::ChecksumKind;
+pub use download::Source;
+pub use progress::{BarProgress, NoProgress, Progress};
+
+/// Default cache location when `KLAB_DATA_DIR` is not set.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/klab";
+
+/// The first four bytes of every qcow2 file.
+pub const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Images the local builder can make.
+pub const BUILDABLE: &[&str] = &["debian-12"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image `{key}`: {} does not exist", path.display())]
+    Missing { key: String, path: PathBuf },
+    #[error("image `{key}`: cannot read {}", path.display())]
+    Read {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image `{key}`: {} is {found}, not qcow2\n  hint: {hint}", path.display())]
+    NotQcow2 {
+        key: String,
+        path: PathBuf,
+        found: String,
+        hint: String,
+    },
+    #[error("cannot download image `{key}` from {url}: {reason}\n  hint: {hint}")]
+    Download {
+        key: String,
+        url: String,
+        reason: String,
+        hint: String,
+    },
+    #[error(
+        "image `{key}`: checksum mismatch for {url}: expected {kind} {expected}, got {actual} (download discarded)"
+    )]
+    ChecksumMismatch {
+        key: String,
+        url: String,
+        kind: &'static str,
+        expected: String,
+        actual: String,
+    },
+    #[error("image `{key}`: {checksum_url} lists no {kind} checksum for `{file}`")]
+    ChecksumNotListed {
+        key: String,
+        checksum_url: String,
+        file: String,
+        kind: &'static str,
+    },
+    #[error(
+        "image `{key}`: no checksum to verify {url} against\n  hint: set `sha256 = \"…\"` in [images.{key}]"
+    )]
+    NoChecksum { key: String, url: String },
+    #[error("image `{key}`: `{value}` is not a sha256 digest (64 hex characters)")]
+    BadDigest { key: String, value: String },
+    #[error("image cache: cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image `{key}`: cannot parse metadata {}", path.display())]
+    Meta {
+        key: String,
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("`klab image build` must run as root (debootstrap, chroot and mkfs.ext4 -d need it)")]
+    NotRoot,
+    #[error("image `{key}`: `klab image build` can only build {}", BUILDABLE.join(", "))]
+    NotBuildable { key: String },
+    #[error("`{tool}` not found in PATH\n  hint: install it: apt-get install {package}")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("image `{key}`: cannot run `{step}`")]
+    Spawn {
+        key: String,
+        step: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image `{key}`: `{step}` failed ({status}); last output:\n{tail}")]
+    Command {
+        key: String,
+        step: String,
+        status: String,
+        tail: String,
+    },
+    #[error("image `{key}`: {what}")]
+    Build { key: String, what: String },
+}
+
+/// Where an image in the cache came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Downloaded and verified against a published or configured checksum.
+    Download,
+    /// Made by `klab image build`.
+    Built,
+}
+
+/// `<key>.json` next to `<key>.qcow2`: what the file is and how it was verified. Size and mtime let
+/// later runs trust the file without hashing it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    pub key: String,
+    pub source: Origin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// `sha256` or `sha512`.
+    pub checksum_kind: String,
+    pub checksum: String,
+    pub size: u64,
+    pub mtime_secs: u64,
+    pub mtime_nanos: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// `klab <version>`.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Build details (mirror, suite, packages) for built images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<serde_json::Value>,
+}
+
+impl ImageMeta {
+    /// `true` when `path` still is the file this metadata describes (same size and mtime).
+    fn matches_file(&self, path: &Path) -> bool {
+        match file_stamp(path) {
+            Ok((size, secs, nanos)) => {
+                size == self.size && secs == self.mtime_secs && nanos == self.mtime_nanos
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The image cache directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageCache {
+    root: PathBuf,
+}
+
+impl ImageCache {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// `$KLAB_DATA_DIR/images`, else `/var/lib/klab/images`.
+    pub fn from_env() -> Self {
+        let data = std::env::var_os("KLAB_DATA_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        Self::new(data.join("images"))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `<root>/<key>.qcow2`: the same path the planner computes for cached images.
+    pub fn base_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.qcow2"))
+    }
+
+    pub fn meta_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.json"))
+    }
+
+    pub fn kernel_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.vmlinuz"))
+    }
+
+    pub fn initrd_path(&self, key: &str) -> PathBuf {
+        self.root.join(format!("{key}.initrd"))
+    }
+
+    /// Persistent debootstrap package cache, so rebuilds download nothing.
+    pub fn debootstrap_cache(&self) -> PathBuf {
+        self.root.join(".debootstrap-cache")
+    }
+
+    /// Creates the cache directory (0755: qemu runs as `libvirt-qemu` and must traverse it).
+    pub fn create_root(&self) -> Result<(), ImageError> {
+        let write_err = |source| ImageError::Write {
+            path: self.root.clone(),
+            source,
+        };
+        fs::create_dir_all(&self.root).map_err(write_err)?;
+        fs::set_permissions(&self.root, fs::Permissions::from_mode(0o755)).map_err(write_err)
+    }
+
+    /// Metadata of a cached image; `None` when there is none.
+    pub fn meta(&self, key: &str) -> Result<Option<ImageMeta>, ImageError> {
+        let path = self.meta_path(key);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(ImageError::Read {
+                    key: key.to_string(),
+                    path,
+                    source,
+                });
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| ImageError::Meta {
+                key: key.to_string(),
+                path,
+                source,
+            })
+    }
+
+    /// Writes `<key>.json` atomically (0644).
+    pub(crate) fn write_meta(&self, meta: &ImageMeta) -> Result<(), ImageError> {
+        let path = self.meta_path(&meta.key);
+        let text = serde_json::to_string_pretty(meta).map_err(|e| ImageError::Write {
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        write_atomic(&path, format!("{text}\n").as_bytes())
+    }
+
+    /// Images `klab image build` made, as the planner wants them. Unreadable metadata is skipped with a
+    /// warning rather than failing every command that plans a lab.
+    pub fn local_images(&self) -> Result<Vec<LocalImage>, ImageError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(ImageError::Read {
+                    key: "*".into(),
+                    path: self.root.clone(),
+                    source,
+                });
+            }
+        };
+        let mut keys: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".json").map(str::to_string)
+            })
+            .collect();
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            let meta = match self.meta(&key) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!("skipping cached image `{key}`: {e}");
+                    continue;
+                }
+            };
+            let path = self.base_path(&key);
+            if meta.source != Origin::Built || meta.key != key || !path.is_file() {
+                continue;
+            }
+            out.push(LocalImage {
+                key,
+                path: path.display().to_string(),
+                kernel: meta.kernel,
+                initrd: meta.initrd,
+                cmdline: meta.cmdline,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes sure the base image of `spec` is usable and returns its path: a `path` image is checked
+    /// (exists, readable, qcow2); a URL or catalog image is taken from the cache when its recorded
+    /// checksum still matches, otherwise downloaded and verified. A locally built image in the cache
+    /// stands in for the download.
+    pub fn ensure(&self, spec: &ImageSpec, progress: &dyn Progress) -> Result<PathBuf, ImageError> {
+        let Some(url) = &spec.url else {
+            let path = PathBuf::from(&spec.base_path);
+            check_qcow2(&spec.key, &path)?;
+            return Ok(path);
+        };
+        let source = match &spec.sha256 {
+            Some(digest) => Source::Digest {
+                url: url.clone(),
+                kind: ChecksumKind::Sha256,
+                hex: normalize_sha256(&spec.key, digest)?,
+            },
+            None => match catalog::lookup(&spec.key).filter(|c| c.url == url.as_str()) {
+                Some(c) => Source::ChecksumFile {
+                    url: url.clone(),
+                    checksum_url: c.checksum_url.to_string(),
+                    kind: c.checksum_kind,
+                },
+                None => {
+                    return Err(ImageError::NoChecksum {
+                        key: spec.key.clone(),
+                        url: url.clone(),
+                    });
+                }
+            },
+        };
+        self.fetch(&spec.key, &source, progress)
+    }
+
+    /// The cached file for `key` if it can be trusted for `source` without a download.
+    fn cached(&self, key: &str, source: &Source) -> Result<Option<PathBuf>, ImageError> {
+        let path = self.base_path(key);
+        if !path.is_file() {
+            return Ok(None);
+        }
+        if let Some(meta) = self.meta(key)?
+            && meta.matches_file(&path)
+        {
+            let usable = match meta.source {
+                Origin::Built => true,
+                Origin::Download => {
+                    meta.url.as_deref() == Some(source.url())
+                        && match source {
+                            // A published "latest" checksum can move on; the verified copy stays valid.
+                            Source::ChecksumFile { .. } => true,
+                            Source::Digest { kind, hex, .. } => {
+                                meta.checksum_kind == kind.as_str() && meta.checksum == *hex
+                            }
+                        }
+                }
+            };
+            if usable {
+                tracing::debug!("image `{key}`: using cached {}", path.display());
+                return Ok(Some(path));
+            }
+            return Ok(None);
+        }
+        // A file placed by hand with a known digest: hash it once and remember the result.
+        if let Source::Digest { url, kind, hex } = source {
+            let actual = hash_file(key, &path, *kind)?;
+            if actual == *hex {
+                self.write_meta(&download_meta(key, url, *kind, hex, &path)?)?;
+                return Ok(Some(path));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Returns the verified cached copy of `source` under `key`, downloading it when needed.
+    pub fn fetch(
+        &self,
+        key: &str,
+        source: &Source,
+        progress: &dyn Progress,
+    ) -> Result<PathBuf, ImageError> {
+        if let Some(path) = self.cached(key, source)? {
+            return Ok(path);
+        }
+        self.create_root()?;
+        download::download(self, key, source, progress)
+    }
+}
+
+/// Accepts `abc…`, `ABC…` and `sha256:abc…`.
+fn normalize_sha256(key: &str, value: &str) -> Result<String, ImageError> {
+    let hex = value.trim();
+    let hex = hex.strip_prefix("sha256:").unwrap_or(hex);
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex.to_ascii_lowercase())
+    } else {
+        Err(ImageError::BadDigest {
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+}
+
+fn file_stamp(path: &Path) -> io::Result<(u64, u64, u32)> {
+    let md = fs::metadata(path)?;
+    let mtime = md
+        .modified()?
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok((md.len(), mtime.as_secs(), mtime.subsec_nanos()))
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn created_by() -> String {
+    format!("klab {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn download_meta(
+    key: &str,
+    url: &str,
+    kind: ChecksumKind,
+    hex: &str,
+    path: &Path,
+) -> Result<ImageMeta, ImageError> {
+    let (size, mtime_secs, mtime_nanos) = file_stamp(path).map_err(|source| ImageError::Read {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(ImageMeta {
+        key: key.to_string(),
+        source: Origin::Download,
+        url: Some(url.to_string()),
+        checksum_kind: kind.as_str().to_string(),
+        checksum: hex.to_string(),
+        size,
+        mtime_secs,
+        mtime_nanos,
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        created_by: created_by(),
+        created_at: now_unix(),
+        build: None,
+    })
+}
+
+/// Hashes a whole file (used once per file; later runs trust size + mtime).
+pub fn hash_file(key: &str, path: &Path, kind: ChecksumKind) -> Result<String, ImageError> {
+    let read_err = |source| ImageError::Read {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = fs::File::open(path).map_err(read_err)?;
+    let mut hasher = checksum::Hasher::new(kind);
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finish_hex())
+}
+
+/// Writes `bytes` to `path` through a `.part` file and a rename, mode 0644.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
+    let part = part_path(path);
+    let write_err = |source| ImageError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::write(&part, bytes).map_err(write_err)?;
+    fs::set_permissions(&part, fs::Permissions::from_mode(0o644)).map_err(write_err)?;
+    fs::rename(&part, path).map_err(write_err)
+}
+
+pub(crate) fn part_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".part");
+    PathBuf::from(s)
+}
+
+/// What the first bytes of a disk image say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    /// Raw disk with an MBR/GPT boot signature.
+    RawPartitioned,
+    /// Raw ext2/3/4 filesystem without a partition table.
+    RawExt,
+    Iso,
+    Vmdk,
+    Vhdx,
+    Unknown,
+}
+
+impl DiskFormat {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "a qcow2 image",
+            Self::RawPartitioned => "a raw disk image",
+            Self::RawExt => "a raw ext4 filesystem image",
+            Self::Iso => "an ISO 9660 image",
+            Self::Vmdk => "a VMDK image",
+            Self::Vhdx => "a VHDX image",
+            Self::Unknown => "not a recognised disk image",
+        }
+    }
+}
+
+/// Classifies a disk image by its header (pass at least the first 64 KiB when available).
+pub fn sniff_format(head: &[u8]) -> DiskFormat {
+    if head.starts_with(QCOW2_MAGIC) {
+        DiskFormat::Qcow2
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"# Disk DescriptorFile") {
+        DiskFormat::Vmdk
+    } else if head.starts_with(b"vhdxfile") {
+        DiskFormat::Vhdx
+    } else if head.get(0x8001..0x8006) == Some(b"CD001") {
+        DiskFormat::Iso
+    } else if head.get(1080..1082) == Some(&[0x53, 0xEF]) {
+        DiskFormat::RawExt
+    } else if head.get(510..512) == Some(&[0x55, 0xAA]) {
+        DiskFormat::RawPartitioned
+    } else {
+        DiskFormat::Unknown
+    }
+}
+
+fn sniff_reader(file: &mut fs::File) -> io::Result<DiskFormat> {
+    let mut head = Vec::with_capacity(0x8800);
+    file.take(0x8800).read_to_end(&mut head)?;
+    Ok(sniff_format(&head))
+}
+
+/// Classifies the file at `path` by its header.
+pub fn sniff_file(path: &Path) -> io::Result<DiskFormat> {
+    sniff_reader(&mut fs::File::open(path)?)
+}
+
+/// Checks that a local image exists, is readable and is qcow2 (the overlays need a qcow2 backing file).
+pub fn check_qcow2(key: &str, path: &Path) -> Result<(), ImageError> {
+    let mut file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ImageError::Missing {
+                key: key.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(ImageError::Read {
+                key: key.to_string(),
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let format = sniff_reader(&mut file).map_err(|source| ImageError::Read {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if format == DiskFormat::Qcow2 {
+        if let Ok(md) = file.metadata()
+            && md.permissions().mode() & 0o004 == 0
+        {
+            tracing::warn!(
+                "image `{key}`: {} is not world-readable; qemu:///system runs qemu as libvirt-qemu",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    let p = path.display();
+    let hint = match format {
+        DiskFormat::RawPartitioned | DiskFormat::RawExt => {
+            format!(
+                "convert it: qemu-img convert -f raw -O qcow2 {p} {p}.qcow2 and set `path` to the result"
+            )
+        }
+        DiskFormat::Vmdk | DiskFormat::Vhdx => {
+            format!(
+                "convert it: qemu-img convert -O qcow2 {p} {p}.qcow2 and set `path` to the result"
+            )
+        }
+        DiskFormat::Iso => {
+            "an installer ISO cannot back a VM disk; use a cloud image (qcow2)".into()
+        }
+        _ => "`path` must point at a qcow2 cloud image".into(),
+    };
+    Err(ImageError::NotQcow2 {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        found: format.describe().to_string(),
+        hint,
+    })
+}
+
+/// The hint shown when a download fails: build locally when klab can, or point at a local file.
+pub(crate) fn download_hint(key: &str) -> String {
+    if BUILDABLE.contains(&key) {
+        format!(
+            "run `klab image build {key}` to build it locally from Debian packages, or set `path = …` in [images.{key}]"
+        )
+    } else {
+        format!(
+            "download it elsewhere and set `path = …` in [images.{key}], or use image \"debian-12\" after `klab image build debian-12`"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_formats() {
+        assert_eq!(sniff_format(b"QFI\xfb\0\0\0\x03"), DiskFormat::Qcow2);
+        let mut mbr = vec![0u8; 4096];
+        mbr[510] = 0x55;
+        mbr[511] = 0xAA;
+        assert_eq!(sniff_format(&mbr), DiskFormat::RawPartitioned);
+        let mut ext = vec![0u8; 4096];
+        ext[1080] = 0x53;
+        ext[1081] = 0xEF;
+        assert_eq!(sniff_format(&ext), DiskFormat::RawExt);
+        let mut iso = vec![0u8; 0x8800];
+        iso[0x8001..0x8006].copy_from_slice(b"CD001");
+        assert_eq!(sniff_format(&iso), DiskFormat::Iso);
+        assert_eq!(sniff_format(b"KDMV...."), DiskFormat::Vmdk);
+        assert_eq!(sniff_format(b""), DiskFormat::Unknown);
+    }
+
+    #[test]
+    fn sha256_values_are_normalized_or_rejected() {
+        let hex = "AB".repeat(32);
+        assert_eq!(normalize_sha256("k", &hex).unwrap(), "ab".repeat(32));
+        assert_eq!(
+            normalize_sha256("k", &format!("sha256:{}", "cd".repeat(32))).unwrap(),
+            "cd".repeat(32)
+        );
+        let err = normalize_sha256("k", "abc").unwrap_err().to_string();
+        assert!(err.contains("image `k`") && err.contains("`abc`"), "{err}");
+    }
+
+    #[test]
+    fn paths_follow_the_planner_convention() {
+        let c = ImageCache::new("/x/images");
+        assert_eq!(
+            c.base_path("debian-12"),
+            Path::new("/x/images/debian-12.qcow2")
+        );
+        assert_eq!(
+            c.meta_path("debian-12"),
+            Path::new("/x/images/debian-12.json")
+        );
+        assert_eq!(c.kernel_path("a"), Path::new("/x/images/a.vmlinuz"));
+        assert_eq!(c.initrd_path("a"), Path::new("/x/images/a.initrd"));
+        assert_eq!(
+            part_path(Path::new("/x/a.qcow2")),
+            Path::new("/x/a.qcow2.part")
+        );
+    }
+
+    #[test]
+    fn download_hint_depends_on_buildability() {
+        assert!(download_hint("debian-12").contains("klab image build debian-12"));
+        assert!(download_hint("ubuntu-24.04").contains("[images.ubuntu-24.04]"));
+    }
+}
