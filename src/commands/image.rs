@@ -42,9 +42,27 @@ pub async fn image(p: &Printer, cmd: ImageCommand) -> Result<(), CmdError> {
                 })?;
             spinner.done("built");
             if p.is_json() {
-                p.json(&built);
+                p.json(&json!({
+                    "image": built.key,
+                    "path": built.path,
+                    "kernel": built.kernel,
+                    "initrd": built.initrd,
+                    "cmdline": built.cmdline,
+                    "bytes": built.file_bytes,
+                    "sha256": built.sha256,
+                    "reused": built.reused,
+                    "seconds": built.elapsed.as_secs_f64(),
+                }));
             } else {
-                p.line(format!("{built}"));
+                p.line(format!(
+                    "{} {} ({} MiB, sha256 {}, {:.0}s){}",
+                    if built.reused { "kept" } else { "built" },
+                    built.path.display(),
+                    built.file_bytes >> 20,
+                    &built.sha256[..built.sha256.len().min(12)],
+                    built.elapsed.as_secs_f64(),
+                    if built.reused { "; --force rebuilds it" } else { "" }
+                ));
                 p.line("labs with `image = \"debian-12\"` now use this image (direct kernel boot, no download)");
             }
             Ok(())

@@ -142,8 +142,14 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     {
         let spec = img.clone();
         let cache = cache.clone();
-        let printer = p.clone();
-        tokio::task::spawn_blocking(move || cache.ensure(&spec, &printer))
+        let json = p.is_json();
+        tokio::task::spawn_blocking(move || {
+            if json {
+                cache.ensure(&spec, &crate::image::NoProgress)
+            } else {
+                cache.ensure(&spec, &crate::image::BarProgress::new())
+            }
+        })
             .await
             .map_err(|e| CmdError::Internal(e.to_string()))?
             .map_err(|e| {
