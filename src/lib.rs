@@ -21,7 +21,7 @@ pub mod paths;
 pub mod plan;
 pub mod provision;
 pub mod reconcile;
+pub mod render;
 pub mod seed;
 pub mod state;
 pub mod verify;
-pub mod render;

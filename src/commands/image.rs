@@ -61,7 +61,11 @@ pub async fn image(p: &Printer, cmd: ImageCommand) -> Result<(), CmdError> {
                     built.file_bytes >> 20,
                     &built.sha256[..built.sha256.len().min(12)],
                     built.elapsed.as_secs_f64(),
-                    if built.reused { "; --force rebuilds it" } else { "" }
+                    if built.reused {
+                        "; --force rebuilds it"
+                    } else {
+                        ""
+                    }
                 ));
                 p.line("labs with `image = \"debian-12\"` now use this image (direct kernel boot, no download)");
             }

@@ -13,12 +13,24 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ("local", include_str!("../../labs/local.toml")),
     ("quickstart", include_str!("../../labs/quickstart.toml")),
     ("plain-vms", include_str!("../../labs/plain-vms.toml")),
-    ("seed-000-kubespray-hyperv", include_str!("../../labs/seed-000-kubespray-hyperv.toml")),
+    (
+        "seed-000-kubespray-hyperv",
+        include_str!("../../labs/seed-000-kubespray-hyperv.toml"),
+    ),
     ("seed-001-ha", include_str!("../../labs/seed-001-ha.toml")),
-    ("seed-004-bridge", include_str!("../../labs/seed-004-bridge.toml")),
+    (
+        "seed-004-bridge",
+        include_str!("../../labs/seed-004-bridge.toml"),
+    ),
 ];
 
-pub fn init(p: &Printer, file: &Path, example: &str, list: bool, force: bool) -> Result<(), CmdError> {
+pub fn init(
+    p: &Printer,
+    file: &Path,
+    example: &str,
+    list: bool,
+    force: bool,
+) -> Result<(), CmdError> {
     if list {
         for (name, text) in EXAMPLES {
             let about = text
@@ -36,7 +48,11 @@ pub fn init(p: &Printer, file: &Path, example: &str, list: bool, force: bool) ->
             format!("no embedded example named `{example}`"),
             format!(
                 "examples: {}",
-                EXAMPLES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                EXAMPLES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     };

@@ -8,8 +8,8 @@ use super::{CmdError, chain, resolve_lab_name};
 use crate::cli::GlobalArgs;
 use crate::output::Printer;
 use crate::plan::LabPlan;
-use crate::provision::{Remote, shell_quote};
 use crate::provision::ssh::{SshTarget, connect};
+use crate::provision::{Remote, shell_quote};
 use crate::state::StateDir;
 
 /// An OpenSSH client config block per node, pinned to the lab's known_hosts file.

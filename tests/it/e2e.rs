@@ -77,7 +77,11 @@ impl Foreign {
             format!("<network><name>{network}</name><bridge name='kltest-la0'/></network>"),
         )
         .unwrap();
-        assert!(virsh(&["net-define", net_xml.to_str().unwrap()]).status.success());
+        assert!(
+            virsh(&["net-define", net_xml.to_str().unwrap()])
+                .status
+                .success()
+        );
         let dom_xml = dir.join("dom.xml");
         std::fs::write(
             &dom_xml,
@@ -87,7 +91,11 @@ impl Foreign {
             ),
         )
         .unwrap();
-        assert!(virsh(&["define", dom_xml.to_str().unwrap()]).status.success());
+        assert!(
+            virsh(&["define", dom_xml.to_str().unwrap()])
+                .status
+                .success()
+        );
         Self { domain, network }
     }
 }
@@ -138,24 +146,68 @@ fn up_reconcile_and_down_on_real_qemu() {
     for node in &plan.nodes {
         let hostname = ok(&["ssh", &format!("{name}/{}", node.name), "--", "hostname"]);
         assert_eq!(hostname.trim(), node.name);
-        let addrs = ok(&["ssh", &format!("{name}/{}", node.name), "--", "ip", "-o", "-4", "addr", "show"]);
+        let addrs = ok(&[
+            "ssh",
+            &format!("{name}/{}", node.name),
+            "--",
+            "ip",
+            "-o",
+            "-4",
+            "addr",
+            "show",
+        ]);
         for nic in &node.nics {
             let want = format!("{}    inet {}/{}", nic.ifname, nic.ip, nic.prefix);
-            assert!(addrs.contains(&want), "{}: missing `{want}` in\n{addrs}", node.name);
+            assert!(
+                addrs.contains(&want),
+                "{}: missing `{want}` in\n{addrs}",
+                node.name
+            );
         }
-        let routes = ok(&["ssh", &format!("{name}/{}", node.name), "--", "ip", "-4", "route", "show", "default"]);
+        let routes = ok(&[
+            "ssh",
+            &format!("{name}/{}", node.name),
+            "--",
+            "ip",
+            "-4",
+            "route",
+            "show",
+            "default",
+        ]);
         let lines: Vec<&str> = routes.lines().filter(|l| !l.trim().is_empty()).collect();
         let nic1 = &node.nics[0];
-        assert_eq!(lines.len(), 1, "{}: exactly one default route, got {routes}", node.name);
+        assert_eq!(
+            lines.len(),
+            1,
+            "{}: exactly one default route, got {routes}",
+            node.name
+        );
         assert!(
-            lines[0].starts_with(&format!("default via {} dev {}", nic1.gateway.unwrap(), nic1.ifname)),
+            lines[0].starts_with(&format!(
+                "default via {} dev {}",
+                nic1.gateway.unwrap(),
+                nic1.ifname
+            )),
             "{}: default route must leave through NIC 1: {routes}",
             node.name
         );
-        let presented = ok(&["ssh", &format!("{name}/{}", node.name), "--", "cat", "/etc/ssh/ssh_host_ed25519_key.pub"]);
-        let pinned = std::fs::read_to_string(state.join("hostkeys").join(format!("{}.pub", node.name))).unwrap();
+        let presented = ok(&[
+            "ssh",
+            &format!("{name}/{}", node.name),
+            "--",
+            "cat",
+            "/etc/ssh/ssh_host_ed25519_key.pub",
+        ]);
+        let pinned =
+            std::fs::read_to_string(state.join("hostkeys").join(format!("{}.pub", node.name)))
+                .unwrap();
         let key_data = |s: &str| s.split_whitespace().nth(1).unwrap_or_default().to_string();
-        assert_eq!(key_data(&presented), key_data(&pinned), "{}: host key is the generated one", node.name);
+        assert_eq!(
+            key_data(&presented),
+            key_data(&pinned),
+            "{}: host key is the generated one",
+            node.name
+        );
     }
 
     // 3. A second up changes nothing.
@@ -192,21 +244,35 @@ fn up_reconcile_and_down_on_real_qemu() {
 
     // 5. down removes everything of the lab and nothing else; a second down is a no-op.
     let out = ok(&["down", &name]);
-    assert!(out.contains(&format!("left domain {}", foreign.domain)), "{out}");
-    assert!(out.contains(&format!("left network {}", foreign.network)), "{out}");
+    assert!(
+        out.contains(&format!("left domain {}", foreign.domain)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("left network {}", foreign.network)),
+        "{out}"
+    );
     let prefix = format!("klab-{name}-");
     let domains = virsh_names(&["list", "--all", "--name"]);
     assert_eq!(
-        domains.iter().filter(|d| d.starts_with(&prefix)).collect::<Vec<_>>(),
+        domains
+            .iter()
+            .filter(|d| d.starts_with(&prefix))
+            .collect::<Vec<_>>(),
         vec![&foreign.domain]
     );
     let nets = virsh_names(&["net-list", "--all", "--name"]);
     assert_eq!(
-        nets.iter().filter(|n| n.starts_with(&prefix)).collect::<Vec<_>>(),
+        nets.iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect::<Vec<_>>(),
         vec![&foreign.network]
     );
     let pools = virsh_names(&["pool-list", "--all", "--name"]);
-    assert!(!pools.contains(&format!("klab-{name}")), "pool left: {pools:?}");
+    assert!(
+        !pools.contains(&format!("klab-{name}")),
+        "pool left: {pools:?}"
+    );
     assert!(!state.exists(), "state dir removed");
     let again = ok(&["down", &name]);
     assert!(again.contains("nothing to remove"), "{again}");
