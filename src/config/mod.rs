@@ -33,6 +33,7 @@ pub enum LoadError {
 
 /// Read and validate a lab file. Messages name the file as `path` is written.
 pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
+    // io-edge: the loader's one file read; parse_str below is pure.
     let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
         path: path.to_path_buf(),
         source,
