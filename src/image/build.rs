@@ -944,6 +944,17 @@ mod tests {
     }
 
     #[test]
+    fn work_dir_is_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = WorkDir::create(dir.path().join(".build-x-1")).unwrap();
+        let path = work.path.clone();
+        fs::create_dir_all(path.join("rootfs/etc")).unwrap();
+        fs::write(path.join("rootfs/etc/hostname"), "x").unwrap();
+        drop(work);
+        assert!(!path.exists());
+    }
+
+    #[test]
     fn bad_keys_are_refused_before_any_work() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ImageCache::new(dir.path());
