@@ -39,6 +39,8 @@ fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
+        // ureq has no idle timeout; bound the whole body so a stalled server cannot hang `klab up`.
+        .timeout_recv_body(Some(Duration::from_secs(3600)))
         .user_agent(concat!("klab/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()

@@ -313,6 +313,14 @@ impl ImageCache {
     /// checksum still matches, otherwise downloaded and verified. A locally built image in the cache
     /// stands in for the download.
     pub fn ensure(&self, spec: &ImageSpec, progress: &dyn Progress) -> Result<PathBuf, ImageError> {
+        if spec.url.is_some() && Path::new(&spec.base_path) != self.base_path(&spec.key) {
+            tracing::warn!(
+                "image `{}`: the plan expects {} but the cache is {}",
+                spec.key,
+                spec.base_path,
+                self.root.display()
+            );
+        }
         let Some(url) = &spec.url else {
             let path = PathBuf::from(&spec.base_path);
             check_qcow2(&spec.key, &path)?;
