@@ -37,7 +37,7 @@ log "installing packages"
 apt-get install -y -qq -o Dpkg::Options::=--force-confold \
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
   debootstrap dosfstools mtools e2fsprogs \
-  cloud-init iproute2 openssh-client >/dev/null
+  cloud-init iproute2 openssh-client bc >/dev/null
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 
 # No systemd as PID 1 in containers/CI: start the daemons ourselves.

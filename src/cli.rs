@@ -82,6 +82,10 @@ pub enum Command {
         /// Output directory (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Render exactly what `klab up` would on this host: the lab's generated keys and locally
+        /// built images (the output then depends on this machine; default: placeholders).
+        #[arg(long)]
+        from_state: bool,
     },
     /// Print the JSON Schema of the lab file (for editor validation).
     Schema,

@@ -95,7 +95,11 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
         } => offline::init(&printer, &file, &example, list, force),
         Command::Validate { file } => offline::validate(&printer, &file),
         Command::Plan { file } => offline::plan(&printer, g, &file),
-        Command::Render { file, out } => offline::render(&printer, g, &file, &out),
+        Command::Render {
+            file,
+            out,
+            from_state,
+        } => offline::render(&printer, g, &file, &out, from_state),
         Command::Schema => offline::schema(&printer),
         Command::Up(args) => up::up(&printer, g, &args).await,
         Command::Down(args) => down::down(&printer, g, &args).await,

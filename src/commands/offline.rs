@@ -178,10 +178,31 @@ pub fn plan(p: &Printer, g: &GlobalArgs, file: &Path) -> Result<(), CmdError> {
     Ok(())
 }
 
-pub fn render(p: &Printer, g: &GlobalArgs, file: &Path, out: &Path) -> Result<(), CmdError> {
+pub fn render(
+    p: &Printer,
+    g: &GlobalArgs,
+    file: &Path,
+    out: &Path,
+    from_state: bool,
+) -> Result<(), CmdError> {
     let lab = load_lab(file)?;
-    let plan = crate::plan::plan(&lab, &offline_inputs(&lab, g));
-    let rendered = crate::render::render_lab(&plan, None, &templates(g)?)
+    let mut inputs = offline_inputs(&lab, g);
+    if from_state {
+        let state = crate::state::StateDir::new(&crate::paths::state_root(), &lab.name);
+        let nodes: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+        inputs.keys = Some(state.ensure_keys(&nodes, crate::keys::generate_ed25519)?);
+        if inputs.accel == crate::model::Accel::Auto {
+            inputs.accel = state
+                .load_meta()?
+                .and_then(|m| crate::model::Accel::parse(&m.accel))
+                .unwrap_or(crate::model::Accel::Auto);
+        }
+        inputs.local_images = crate::image::ImageCache::new(crate::paths::image_cache())
+            .local_images()
+            .map_err(|e| CmdError::Internal(super::chain(&e)))?;
+    }
+    let plan = crate::plan::plan(&lab, &inputs);
+    let rendered = crate::render::render_lab(&plan, inputs.keys.as_ref(), &templates(g)?)
         .map_err(|e| CmdError::user(super::chain(&e), "check your template overrides"))?;
     let mut written = Vec::new();
     for (rel, content) in rendered.files() {
@@ -209,8 +230,13 @@ pub fn render(p: &Printer, g: &GlobalArgs, file: &Path, out: &Path) -> Result<()
             p.line(w);
         }
         p.line(format!(
-            "{} files written (keys are placeholders; `klab up` renders real ones)",
-            written.len()
+            "{} files written{}",
+            written.len(),
+            if from_state {
+                " (with this host's keys and images: keep them private)"
+            } else {
+                " (keys are placeholders; `klab up` renders real ones)"
+            }
         ));
     }
     Ok(())
