@@ -271,6 +271,7 @@ fn report(p: &Printer, plan: &LabPlan, reports: &[exec::NodeReport], noop: bool,
         p.json(&json!({
             "lab": plan.lab,
             "changed": !noop,
+            "kubernetes_provisioned": false,
             "accelerator": accel.as_str(),
             "nodes": plan.nodes.iter().map(|n| json!({
                 "name": n.name,
@@ -303,6 +304,17 @@ fn report(p: &Printer, plan: &LabPlan, reports: &[exec::NodeReport], noop: bool,
             n.role.as_str(),
             n.ssh_address,
             n.cluster_ip
+        ));
+    }
+    if let Some(k) = &plan.kubernetes {
+        p.note(format!(
+            "note: this klab version builds the VMs only; the Kubernetes {} steps ({}) are planned but not run yet",
+            k.version,
+            plan.steps
+                .iter()
+                .map(|s| s.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let first = plan

@@ -191,13 +191,30 @@ fn up_reconcile_and_down_on_real_qemu() {
             "{}: default route must leave through NIC 1: {routes}",
             node.name
         );
+        let target = format!("{name}/{}", node.name);
         let presented = ok(&[
             "ssh",
-            &format!("{name}/{}", node.name),
+            &target,
             "--",
+            "sudo",
             "cat",
             "/etc/ssh/ssh_host_ed25519_key.pub",
         ]);
+        let host_keys = ok(&[
+            "ssh",
+            &target,
+            "--",
+            "sudo",
+            "sh",
+            "-c",
+            "ls /etc/ssh/ssh_host_*_key",
+        ]);
+        assert_eq!(
+            host_keys.trim(),
+            "/etc/ssh/ssh_host_ed25519_key",
+            "{}: the injected host key is the only one",
+            node.name
+        );
         let pinned =
             std::fs::read_to_string(state.join("hostkeys").join(format!("{}.pub", node.name)))
                 .unwrap();

@@ -2,6 +2,7 @@
 
 mod backend_test_driver;
 mod e2e;
+mod exec_fake;
 mod image;
 mod invalid;
 mod labs_plan;
