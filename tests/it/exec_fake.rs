@@ -37,8 +37,12 @@ async fn up(fake: &FakeBackend, lab: &klab::model::Lab, plan: &LabPlan) -> Vec<A
     })
     .unwrap();
     let keys = fixtures::test_keys(lab);
-    let rendered =
-        klab::render::render_lab(plan, Some(&keys), &klab::render::Templates::builtin()).unwrap();
+    let rendered = klab::render::render_lab(
+        plan,
+        Some(&keys),
+        &klab::render::Templates::builtin().unwrap(),
+    )
+    .unwrap();
     let backend: Arc<dyn Backend> = Arc::new(fake.clone());
     let ctx = UpContext {
         backend,
