@@ -89,7 +89,6 @@ pub struct UpContext {
 
 /// Apply `up` actions. Pool/network actions first (in order), then node pipelines in parallel.
 pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeReport>, ExecError> {
-    let pool = ctx.plan.pool.name.clone();
     let mut create: Vec<String> = Vec::new();
     let mut start: Vec<String> = Vec::new();
     let mut wait: Vec<String> = Vec::new();
@@ -137,7 +136,6 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
             Action::WaitNode { node } => wait.push(node.clone()),
         }
     }
-    let _ = pool;
 
     let width = ctx
         .plan

@@ -21,6 +21,18 @@ pub async fn image(p: &Printer, cmd: ImageCommand) -> Result<(), CmdError> {
                     "only `debian-12` can be built locally (from Debian packages); other catalog images are downloaded",
                 ));
             }
+            if force {
+                let users = labs_using(&cache.base_path(&name).display().to_string())?;
+                if !users.is_empty() {
+                    return Err(CmdError::user(
+                        format!(
+                            "image `{name}` is the backing file of the disks of lab(s) {}; rebuilding it would corrupt them",
+                            users.join(", ")
+                        ),
+                        "remove those labs first (`klab down NAME`), then rebuild",
+                    ));
+                }
+            }
             let opts = crate::image::BuildOptions {
                 force,
                 with_containerd,
@@ -102,4 +114,27 @@ pub async fn image(p: &Printer, cmd: ImageCommand) -> Result<(), CmdError> {
             Ok(())
         }
     }
+}
+
+/// Labs (with state on this host) whose plan uses `base_path` as a backing file.
+fn labs_using(base_path: &str) -> Result<Vec<String>, CmdError> {
+    let root = crate::paths::state_root();
+    let mut users = Vec::new();
+    for lab in crate::state::list_labs(&root)? {
+        let Some(saved) = crate::state::StateDir::new(&root, &lab).load_plan()? else {
+            continue;
+        };
+        let uses = saved
+            .rest
+            .get("images")
+            .and_then(|v| v.as_array())
+            .is_some_and(|imgs| {
+                imgs.iter()
+                    .any(|i| i.get("base_path").and_then(|p| p.as_str()) == Some(base_path))
+            });
+        if uses {
+            users.push(lab);
+        }
+    }
+    Ok(users)
 }

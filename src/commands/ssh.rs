@@ -44,7 +44,7 @@ pub fn ssh_config(p: &Printer, name: Option<String>) -> Result<(), CmdError> {
 }
 
 pub async fn ssh(
-    p: &Printer,
+    _p: &Printer,
     _g: &GlobalArgs,
     node: &str,
     lab: Option<String>,
@@ -111,7 +111,6 @@ pub async fn ssh(
     print!("{}", out.stdout);
     eprint!("{}", out.stderr);
     session.close().await;
-    let _ = p;
     if out.exit_status != 0 {
         std::process::exit(out.exit_status.min(255) as i32);
     }

@@ -33,9 +33,9 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
         .map_err(|e| CmdError::user(chain(&e), "run `klab doctor` to check the host"))?;
     let accel = choose_accel(requested_accel(g, Some(&lab)), support)?;
     p.note(format!(
-        "lab {}: {} on {uri}, accelerator {} ({})",
+        "lab {}: {} nodes on {uri}, accelerator {} ({})",
         lab.name,
-        lab.nodes.len().to_string() + " nodes",
+        lab.nodes.len(),
         accel.as_str(),
         match (accel, requested_accel(g, Some(&lab))) {
             (Accel::Kvm, Accel::Auto) => "auto: libvirt offers KVM",
