@@ -195,17 +195,7 @@ impl StateDir {
     /// The plan saved by the last `up`, as a JSON value (the plan types are write-only on purpose:
     /// readers take the fields they need, so old state stays readable).
     pub fn load_plan(&self) -> Result<Option<SavedPlan>, StateError> {
-        let p = self.dir.join("plan.json");
-        if !p.exists() {
-            return Ok(None);
-        }
-        let text = fs::read_to_string(&p).map_err(io("cannot read", &p))?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StateError::Corrupt {
-                path: p,
-                message: e.to_string(),
-            })
+        self.load_json("plan.json")
     }
 
     /// The full plan saved by the last `up`, for change detection. A plan written by another klab
@@ -232,7 +222,14 @@ impl StateDir {
     }
 
     pub fn load_meta(&self) -> Result<Option<LabMeta>, StateError> {
-        let p = self.dir.join("meta.json");
+        self.load_json("meta.json")
+    }
+
+    fn load_json<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<Option<T>, StateError> {
+        let p = self.dir.join(name);
         if !p.exists() {
             return Ok(None);
         }

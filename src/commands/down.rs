@@ -4,7 +4,6 @@ use serde_json::json;
 
 use super::{CmdError, chain, resolve_lab_name};
 use crate::cli::{DownArgs, GlobalArgs};
-use crate::exec::call;
 use crate::output::Printer;
 use crate::reconcile::{self, KnownObjects};
 use crate::state::StateDir;
@@ -17,19 +16,12 @@ pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), Cm
     } else {
         Some(state.lock()?)
     };
-    let meta = state.load_meta()?;
-    let saved = state.load_plan()?;
-    // The URI the lab was made on wins over the default, so `klab down NAME` works from anywhere.
-    let uri = g
-        .connect
-        .clone()
-        .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
-        .unwrap_or_else(|| super::DEFAULT_URI.to_string());
-    let backend = super::up::connect(&uri).await?;
-    let prefix = format!("klab-{lab}");
-    let observed = call(&backend, move |b| b.observe(&prefix))
-        .await
-        .map_err(|e| CmdError::Internal(chain(&e)))?;
+    let super::ExistingLab {
+        backend,
+        observed,
+        saved,
+        ..
+    } = super::find_lab(g, &state).await?;
     let known = KnownObjects {
         pool: saved.as_ref().map(|s| (s.pool.name.clone(), s.pool.owned)),
         volumes: saved

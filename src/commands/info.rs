@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{CmdError, chain, resolve_lab_name};
+use super::{CmdError, resolve_lab_name};
 use crate::cli::GlobalArgs;
 use crate::exec::call;
 use crate::observed::DomainState;
@@ -29,18 +29,13 @@ pub async fn status(
 ) -> Result<(), CmdError> {
     let lab = resolve_lab_name(name, file)?;
     let state = StateDir::new(&crate::paths::state_root(), &lab);
-    let meta = state.load_meta()?;
-    let saved = state.load_plan()?;
-    let uri = g
-        .connect
-        .clone()
-        .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
-        .unwrap_or_else(|| super::DEFAULT_URI.to_string());
-    let backend = super::up::connect(&uri).await?;
-    let prefix = format!("klab-{lab}");
-    let observed = call(&backend, move |b| b.observe(&prefix))
-        .await
-        .map_err(|e| CmdError::Internal(chain(&e)))?;
+    let super::ExistingLab {
+        uri,
+        meta,
+        saved,
+        observed,
+        ..
+    } = super::find_lab(g, &state).await?;
     let doms: BTreeMap<String, DomainState> = observed
         .domains
         .iter()

@@ -204,6 +204,42 @@ pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<S
     }
 }
 
+/// An existing lab as found on this host: its state (if any) and what the hypervisor holds.
+pub struct ExistingLab {
+    pub uri: String,
+    pub meta: Option<crate::state::LabMeta>,
+    pub saved: Option<crate::state::SavedPlan>,
+    pub backend: std::sync::Arc<dyn crate::backend::Backend>,
+    pub observed: crate::observed::Observed,
+}
+
+/// Connect to where `lab` was made and look at it. The URI the lab was made on (from its state)
+/// wins over the default, so `klab down NAME` and `klab status NAME` work from anywhere.
+pub async fn find_lab(
+    g: &GlobalArgs,
+    state: &crate::state::StateDir,
+) -> Result<ExistingLab, CmdError> {
+    let meta = state.load_meta()?;
+    let saved = state.load_plan()?;
+    let uri = g
+        .connect
+        .clone()
+        .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
+        .unwrap_or_else(|| DEFAULT_URI.to_string());
+    let backend = up::connect(&uri).await?;
+    let prefix = format!("klab-{}", state.lab());
+    let observed = crate::exec::call(&backend, move |b| b.observe(&prefix))
+        .await
+        .map_err(|e| CmdError::Internal(chain(&e)))?;
+    Ok(ExistingLab {
+        uri,
+        meta,
+        saved,
+        backend,
+        observed,
+    })
+}
+
 /// Plan inputs that do not depend on this machine's state: used by `plan` and `render`, so the
 /// same lab file gives byte-identical output everywhere.
 pub fn offline_inputs(lab: &Lab, g: &GlobalArgs) -> crate::plan::PlanInputs {
