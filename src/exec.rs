@@ -303,19 +303,23 @@ impl NodeJob {
         report.ssh_seconds = Some(t0.elapsed().as_secs_f64());
         progress.step("cloud-init");
         let out = session
-            .exec("cloud-init status --wait", None, self.timeouts.cloud_init)
+            .exec(
+                crate::verify::CLOUD_INIT_WAIT_COMMAND,
+                None,
+                self.timeouts.cloud_init,
+            )
             .await
             .map_err(|e| self.fail("cloud-init", e))?;
-        match out.exit_status {
-            0 => {}
-            2 => {
+        match crate::verify::parse_cloud_init(&out.stdout) {
+            crate::verify::CloudInitOutcome::Done => {}
+            crate::verify::CloudInitOutcome::Warnings(w) => {
                 report.cloud_init_warnings = true;
-                tracing::warn!(node = %self.node.name, "cloud-init finished with recoverable errors");
+                tracing::warn!(node = %self.node.name, "cloud-init finished with recoverable errors: {}", w.join("; "));
             }
-            s => {
+            crate::verify::CloudInitOutcome::Failed(errors) => {
                 let detail = session
                     .exec(
-                        "cloud-init status --long; tail -n 20 /var/log/cloud-init-output.log",
+                        "tail -n 20 /var/log/cloud-init-output.log",
                         None,
                         Duration::from_secs(30),
                     )
@@ -325,7 +329,8 @@ impl NodeJob {
                 return Err(self.fail(
                     "cloud-init",
                     format!(
-                        "`cloud-init status --wait` exited {s}:\n{}",
+                        "cloud-init reported errors:\n{}\n  /var/log/cloud-init-output.log ends with:\n{}",
+                        indent(&errors.join("\n")),
                         indent(&detail)
                     ),
                 ));

@@ -167,6 +167,73 @@ pub fn check(node: &NodeSpec, probe: &Probe) -> Vec<String> {
     problems
 }
 
+/// Waits for cloud-init's final stage without running Python in the guest (its import alone costs
+/// seconds of guest CPU under TCG, competing with cloud-init itself): `result.json` is written at
+/// the end of the last stage, on tmpfs, so it also means "this boot". Then it prints the same files
+/// `cloud-init status` reads.
+pub const CLOUD_INIT_WAIT_COMMAND: &str = "while [ ! -e /run/cloud-init/result.json ]; do sleep 0.5; done; \
+echo @@result; cat /run/cloud-init/result.json; echo; echo @@status; cat /run/cloud-init/status.json 2>/dev/null; echo";
+
+/// cloud-init's verdict, as `cloud-init status` would give it: done, done with recoverable errors
+/// (exit 2 on recent versions: warn and go on), or failed (exit 1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloudInitOutcome {
+    Done,
+    Warnings(Vec<String>),
+    Failed(Vec<String>),
+}
+
+pub fn parse_cloud_init(out: &str) -> CloudInitOutcome {
+    let section = |name: &str| -> Option<serde_json::Value> {
+        let start = out.find(&format!("@@{name}"))? + name.len() + 2;
+        let rest = &out[start..];
+        let end = rest.find("\n@@").unwrap_or(rest.len());
+        serde_json::from_str(rest[..end].trim()).ok()
+    };
+    let Some(result) = section("result") else {
+        return CloudInitOutcome::Failed(vec![
+            "cloud-init finished but /run/cloud-init/result.json is not valid JSON".into(),
+        ]);
+    };
+    let strings = |v: Option<&serde_json::Value>| -> Vec<String> {
+        v.and_then(|e| e.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|x| {
+                        x.as_str()
+                            .map(String::from)
+                            .unwrap_or_else(|| x.to_string())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let errors = strings(result.pointer("/v1/errors"));
+    if !errors.is_empty() {
+        return CloudInitOutcome::Failed(errors);
+    }
+    // Newer cloud-init records per-stage recoverable errors (`{"WARNING": ["…"]}`) in status.json.
+    let mut warnings = Vec::new();
+    if let Some(stages) = section("status").and_then(|s| s.get("v1").cloned())
+        && let Some(stages) = stages.as_object()
+    {
+        for (stage, v) in stages {
+            if let Some(rec) = v.get("recoverable_errors").and_then(|r| r.as_object()) {
+                for (level, msgs) in rec {
+                    for m in strings(Some(msgs)) {
+                        warnings.push(format!("{stage}: {level}: {m}"));
+                    }
+                }
+            }
+        }
+    }
+    if warnings.is_empty() {
+        CloudInitOutcome::Done
+    } else {
+        CloudInitOutcome::Warnings(warnings)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,6 +296,26 @@ mod tests {
             console_log: String::new(),
             instance_id: String::new(),
         }
+    }
+
+    #[test]
+    fn cloud_init_outcomes() {
+        let done = "@@result\n{\"v1\": {\"datasource\": \"DataSourceNoCloud\", \"errors\": []}}\n\n@@status\n{\"v1\": {\"init\": {\"errors\": []}, \"stage\": null}}\n";
+        assert_eq!(parse_cloud_init(done), CloudInitOutcome::Done);
+        let failed = "@@result\n{\"v1\": {\"errors\": [\"('ssh', KeyError('x'))\"]}}\n@@status\n\n";
+        assert_eq!(
+            parse_cloud_init(failed),
+            CloudInitOutcome::Failed(vec!["('ssh', KeyError('x'))".into()])
+        );
+        let warned = "@@result\n{\"v1\": {\"errors\": []}}\n@@status\n{\"v1\": {\"modules-final\": {\"recoverable_errors\": {\"WARNING\": [\"deprecated key\"]}}}}\n";
+        assert_eq!(
+            parse_cloud_init(warned),
+            CloudInitOutcome::Warnings(vec!["modules-final: WARNING: deprecated key".into()])
+        );
+        assert!(matches!(
+            parse_cloud_init("@@result\ngarbage"),
+            CloudInitOutcome::Failed(_)
+        ));
     }
 
     #[test]

@@ -74,7 +74,8 @@ const KEEPALIVE_MAX: usize = 4;
 /// TCP connection to a booting guest cannot eat the whole wait.
 const ATTEMPT_CAP: Duration = Duration::from_secs(20);
 const BACKOFF_START: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
+// A refused connection costs the guest next to nothing; a short ceiling keeps "sshd is up" → "connected" tight.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Default bound for [`Remote::upload`], which has no timeout parameter.
 pub const DEFAULT_UPLOAD_TIMEOUT: Duration = Duration::from_secs(300);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
