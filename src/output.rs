@@ -45,7 +45,7 @@ impl Printer {
         } else if self.tty {
             let _ = self.multi.println(s);
         } else {
-            println!("{s}");
+            stdout(&format!("{s}\n"));
         }
     }
 
@@ -60,7 +60,7 @@ impl Printer {
 
     pub fn json<T: Serialize>(&self, value: &T) {
         match serde_json::to_string_pretty(value) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => stdout(&format!("{s}\n")),
             Err(e) => eprintln!("error: cannot encode JSON output: {e}"),
         }
     }
@@ -126,5 +126,18 @@ impl NodeProgress {
 
     pub fn fail(&self, msg: &str) {
         self.done(&format!("FAILED: {msg}"));
+    }
+}
+
+/// Write to stdout; a closed pipe (`klab … | head`) ends the program quietly instead of panicking.
+pub fn stdout(s: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to stdout: {e}");
+        std::process::exit(2);
     }
 }

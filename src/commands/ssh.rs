@@ -108,7 +108,7 @@ pub async fn ssh(
         .exec(&cmd, None, Duration::from_secs(24 * 3600))
         .await
         .map_err(|e| CmdError::user(chain(&e), "the command did not complete"))?;
-    print!("{}", out.stdout);
+    crate::output::stdout(&out.stdout);
     eprint!("{}", out.stderr);
     session.close().await;
     if out.exit_status != 0 {
