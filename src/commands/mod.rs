@@ -181,7 +181,7 @@ pub fn templates(g: &GlobalArgs) -> Result<crate::render::Templates, CmdError> {
 /// the only lab with state on this host.
 pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<String, CmdError> {
     if let Some(n) = name {
-        return Ok(n);
+        return check_lab_name(n);
     }
     if let Some(f) = file {
         return Ok(load_lab(&f)?.name);
@@ -238,6 +238,22 @@ pub async fn find_lab(
         backend,
         observed,
     })
+}
+
+/// A lab name from the command line: the same rule as in lab files, so it can never reach outside
+/// the state root (`..`, `/`) or match objects of a lab with another name.
+pub fn check_lab_name(name: String) -> Result<String, CmdError> {
+    if crate::config::units::is_lab_name(&name) {
+        Ok(name)
+    } else {
+        Err(CmdError::user(
+            format!("`{name}` is not a lab name"),
+            format!(
+                "lab names are lowercase letters, digits and `-`, at most {} characters; `klab list` shows the labs on this host",
+                crate::config::units::LAB_NAME_MAX
+            ),
+        ))
+    }
 }
 
 /// Plan inputs that do not depend on this machine's state: used by `plan` and `render`, so the

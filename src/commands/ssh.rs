@@ -51,7 +51,7 @@ pub async fn ssh(
     command: Vec<String>,
 ) -> Result<(), CmdError> {
     let (lab, node) = match node.split_once('/') {
-        Some((l, n)) => (l.to_string(), n.to_string()),
+        Some((l, n)) => (super::check_lab_name(l.to_string())?, n.to_string()),
         None => (resolve_lab_name(lab, None)?, node.to_string()),
     };
     let state = StateDir::new(&crate::paths::state_root(), &lab);
