@@ -200,6 +200,23 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
     }
     if !failures.is_empty() {
         failures.sort_by(|a, b| a.node.cmp(&b.node));
+        let logs: Vec<String> = failures
+            .iter()
+            .map(|f| {
+                ctx.plan
+                    .node(&f.node)
+                    .map(|n| n.console_log.clone())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let tails = tokio::task::spawn_blocking(move || {
+            logs.iter().map(|l| console_tail(l, 25)).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for (f, tail) in failures.iter_mut().zip(tails) {
+            f.console_tail = tail;
+        }
         return Err(ExecError::Nodes(failures));
     }
     reports.sort_by(|a, b| a.node.cmp(&b.node));
@@ -230,7 +247,8 @@ impl NodeJob {
             node: self.node.name.clone(),
             step: step.to_string(),
             error: error.to_string(),
-            console_tail: console_tail(&self.node.console_log, 25),
+            // Filled in by `apply_up`, off the async runtime.
+            console_tail: Vec::new(),
         }
     }
 
@@ -261,16 +279,22 @@ impl NodeJob {
                     .await
                     .map_err(|e| self.fail("creating the overlay disk", e))?;
                 progress.step("creating seed");
-                let seed = crate::seed::build_vfat_seed(&[
-                    ("meta-data", rendered.seed.meta_data.as_bytes()),
-                    ("user-data", rendered.seed.user_data.as_bytes()),
-                    ("network-config", rendered.seed.network_config.as_bytes()),
-                ])
-                .map_err(|e| self.fail("building the cloud-init seed", e))?;
-                let (p, name) = (pool.clone(), self.node.seed.name.clone());
-                call(&self.backend, move |b| b.upload_volume(&p, &name, &seed))
-                    .await
-                    .map_err(|e| self.fail("uploading the cloud-init seed", e))?;
+                let (p, name, files) = (
+                    pool.clone(),
+                    self.node.seed.name.clone(),
+                    rendered.seed.clone(),
+                );
+                call(&self.backend, move |b| {
+                    let seed = crate::seed::build_vfat_seed(&[
+                        ("meta-data", files.meta_data.as_bytes()),
+                        ("user-data", files.user_data.as_bytes()),
+                        ("network-config", files.network_config.as_bytes()),
+                    ])
+                    .map_err(|e| BackendError::Other(format!("building the seed image: {e}")))?;
+                    b.upload_volume(&p, &name, &seed)
+                })
+                .await
+                .map_err(|e| self.fail("creating the cloud-init seed", e))?;
                 progress.step("booting");
                 let (name, xml) = (self.node.domain.clone(), rendered.domain_xml.clone());
                 call(&self.backend, move |b| b.define_and_start(&name, &xml))

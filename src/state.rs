@@ -194,25 +194,10 @@ impl StateDir {
 
     /// The plan saved by the last `up`, as a JSON value (the plan types are write-only on purpose:
     /// readers take the fields they need, so old state stays readable).
-    pub fn load_plan(&self) -> Result<Option<SavedPlan>, StateError> {
+    /// The plan saved by the last `up` (what `down`, `status` and `ssh` work from without the lab
+    /// file). A file that no longer parses is `StateError::Corrupt`.
+    pub fn load_plan(&self) -> Result<Option<LabPlan>, StateError> {
         self.load_json("plan.json")
-    }
-
-    /// The full plan saved by the last `up`, for change detection. A plan written by another klab
-    /// version that no longer parses counts as absent (change detection is then skipped).
-    pub fn load_full_plan(&self) -> Result<Option<LabPlan>, StateError> {
-        let p = self.dir.join("plan.json");
-        if !p.exists() {
-            return Ok(None);
-        }
-        let text = fs::read_to_string(&p).map_err(io("cannot read", &p))?;
-        match serde_json::from_str(&text) {
-            Ok(plan) => Ok(Some(plan)),
-            Err(e) => {
-                tracing::warn!(path = %p.display(), error = %e, "saved plan unreadable; not checking for changes");
-                Ok(None)
-            }
-        }
     }
 
     pub fn save_meta(&self, meta: &LabMeta) -> Result<(), StateError> {
@@ -274,46 +259,6 @@ pub fn list_labs(root: &Path) -> Result<Vec<String>, StateError> {
         .collect();
     labs.sort();
     Ok(labs)
-}
-
-/// The parts of a saved plan that `status`, `ssh` and `down` need without the lab file.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct SavedPlan {
-    pub lab: String,
-    pub prefix: String,
-    pub uri: String,
-    pub pool: SavedPool,
-    pub networks: Vec<SavedNetwork>,
-    pub nodes: Vec<SavedNode>,
-    /// Whatever else the plan held, kept for comparison.
-    #[serde(flatten)]
-    pub rest: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct SavedPool {
-    pub name: String,
-    pub path: String,
-    pub owned: bool,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct SavedNetwork {
-    pub key: String,
-    pub name: String,
-    #[serde(flatten)]
-    pub rest: serde_json::Map<String, serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub struct SavedNode {
-    pub name: String,
-    pub domain: String,
-    pub user: String,
-    pub ssh_address: std::net::Ipv4Addr,
-    pub console_log: String,
-    #[serde(flatten)]
-    pub rest: serde_json::Map<String, serde_json::Value>,
 }
 
 fn strip_comment(public: &str) -> String {
@@ -390,6 +335,19 @@ mod tests {
         assert!(err.to_string().contains("lab `demo` is busy"));
         drop(_held);
         st.lock().unwrap();
+    }
+
+    #[test]
+    fn a_saved_plan_reads_back_identical_and_a_damaged_one_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = StateDir::new(tmp.path(), "ha");
+        assert_eq!(st.load_plan().unwrap(), None);
+        let lab = crate::plan::fixtures::ha_lab();
+        let plan = crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name));
+        st.save_plan(&plan).unwrap();
+        assert_eq!(st.load_plan().unwrap(), Some(plan));
+        fs::write(st.path().join("plan.json"), "{").unwrap();
+        assert!(matches!(st.load_plan(), Err(StateError::Corrupt { .. })));
     }
 
     #[test]

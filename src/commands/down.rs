@@ -25,22 +25,10 @@ pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), Cm
     let known = KnownObjects {
         pool: saved.as_ref().map(|s| (s.pool.name.clone(), s.pool.owned)),
         volumes: saved
-            .as_ref()
-            .map(|s| {
-                s.nodes
-                    .iter()
-                    .flat_map(|n| {
-                        ["overlay", "seed"].into_iter().filter_map(move |k| {
-                            n.rest
-                                .get(k)
-                                .and_then(|v| v.get("name"))
-                                .and_then(|v| v.as_str())
-                                .map(String::from)
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+            .iter()
+            .flat_map(|s| &s.nodes)
+            .flat_map(|n| [n.overlay.name.clone(), n.seed.name.clone()])
+            .collect(),
     };
     let todo = reconcile::plan_down(&lab, &observed, &known);
 

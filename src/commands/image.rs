@@ -124,14 +124,7 @@ fn labs_using(base_path: &str) -> Result<Vec<String>, CmdError> {
         let Some(saved) = crate::state::StateDir::new(&root, &lab).load_plan()? else {
             continue;
         };
-        let uses = saved
-            .rest
-            .get("images")
-            .and_then(|v| v.as_array())
-            .is_some_and(|imgs| {
-                imgs.iter()
-                    .any(|i| i.get("base_path").and_then(|p| p.as_str()) == Some(base_path))
-            });
+        let uses = saved.images.iter().any(|i| i.base_path == base_path);
         if uses {
             users.push(lab);
         }

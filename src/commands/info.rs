@@ -67,21 +67,10 @@ pub async fn status(
                 .map(|st| format!("{st:?}").to_lowercase())
                 .unwrap_or_else(|| "missing".into());
             let addresses = n
-                .rest
-                .get("nics")
-                .and_then(|v| v.as_array())
-                .map(|nics| {
-                    nics.iter()
-                        .filter_map(|nic| {
-                            Some(format!(
-                                "{}={}",
-                                nic.get("ifname")?.as_str()?,
-                                nic.get("ip")?.as_str()?
-                            ))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+                .nics
+                .iter()
+                .map(|nic| format!("{}={}", nic.ifname, nic.ip))
+                .collect();
             nodes.push(NodeStatus {
                 name: n.name.clone(),
                 domain: n.domain.clone(),

@@ -208,7 +208,7 @@ pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<S
 pub struct ExistingLab {
     pub uri: String,
     pub meta: Option<crate::state::LabMeta>,
-    pub saved: Option<crate::state::SavedPlan>,
+    pub saved: Option<crate::plan::LabPlan>,
     pub backend: std::sync::Arc<dyn crate::backend::Backend>,
     pub observed: crate::observed::Observed,
 }

@@ -71,9 +71,14 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
             "change the lab's CIDRs or bridge names, or run `klab doctor -f <lab file>` for details",
         )
     })?;
-    let previous: Option<LabPlan> = state
-        .load_full_plan()
-        .map_err(|e| CmdError::Internal(chain(&e)))?;
+    // A saved plan this klab cannot read only costs the change check, never the lab.
+    let previous: Option<LabPlan> = state.load_plan().unwrap_or_else(|e| {
+        tracing::warn!(
+            "{}; not checking for changes that need a rebuild",
+            chain(&e)
+        );
+        None
+    });
     let prefix = plan.prefix.clone();
     let observed = call(&backend, move |b| b.observe(&prefix))
         .await

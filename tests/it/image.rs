@@ -470,8 +470,10 @@ fn real_debian12_build() {
     );
     assert_eq!(built.path, cache.base_path("debian-12"));
     assert!(built.kernel.is_file() && built.initrd.is_file());
-    let head = fs::read(&built.path).unwrap();
-    assert!(head.starts_with(b"QFI\xfb"));
+    assert_eq!(
+        klab::image::sniff_file(&built.path).unwrap(),
+        klab::image::DiskFormat::Qcow2
+    );
     let local = cache.local_images().unwrap();
     assert!(local.iter().any(|l| l.key == "debian-12"), "{local:?}");
     // Idempotent: a second call keeps the image.
