@@ -1,8 +1,11 @@
-//! Everything the user sees goes through [`Printer`]: human lines on stderr/stdout, JSON on stdout
-//! for scripts, and one progress line per node on long work (plain lines when not on a terminal,
-//! so CI logs stay readable).
+//! Everything the user sees goes through [`Printer`]: results on stdout, progress and notes on
+//! stderr — always, also when stderr is a terminal — JSON on stdout for scripts, and one progress
+//! line per node on long work (plain lines when stderr is not a terminal, so CI logs stay readable).
+//!
+//! Writing to stderr never fails the program: a closed or full stderr (`2>&-`, `2>/dev/full`, a
+//! reader that went away) loses the message, not the exit status.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +18,7 @@ use crate::cli::OutputFormat;
 pub struct Printer {
     format: OutputFormat,
     multi: Arc<MultiProgress>,
+    /// Progress bars are drawn (stderr is a terminal and the output is text).
     tty: bool,
 }
 
@@ -37,31 +41,34 @@ impl Printer {
         self.format == OutputFormat::Json
     }
 
-    /// A result line: stdout in text mode; in JSON mode it goes to stderr so stdout stays JSON.
+    /// A result line: stdout in text mode (in JSON mode stderr, so stdout stays one JSON document).
+    /// The bars are cleared while it is written and drawn again below it, so a terminal that
+    /// shows both streams gets the line above the bars and a redirected stdout gets it whole.
     pub fn line(&self, s: impl AsRef<str>) {
         let s = s.as_ref();
         if self.is_json() {
-            eprintln!("{s}");
+            stderr(&format!("{s}\n"));
         } else if self.tty {
-            let _ = self.multi.println(s);
+            self.multi.suspend(|| stdout(&format!("{s}\n")));
         } else {
             stdout(&format!("{s}\n"));
         }
     }
 
-    /// A note about progress or a warning: always stderr.
+    /// A note about progress or a warning: always stderr (above the bars when they are drawn).
     pub fn note(&self, s: impl AsRef<str>) {
+        let s = s.as_ref();
         if self.tty {
-            let _ = self.multi.println(s.as_ref());
+            self.multi.suspend(|| stderr(&format!("{s}\n")));
         } else {
-            eprintln!("{}", s.as_ref());
+            stderr(&format!("{s}\n"));
         }
     }
 
     pub fn json<T: Serialize>(&self, value: &T) {
         match serde_json::to_string_pretty(value) {
             Ok(s) => stdout(&format!("{s}\n")),
-            Err(e) => eprintln!("error: cannot encode JSON output: {e}"),
+            Err(e) => stderr(&format!("error: cannot encode JSON output: {e}\n")),
         }
     }
 
@@ -104,11 +111,7 @@ impl NodeProgress {
         if self.tty {
             self.bar.set_message(step.to_string());
         } else if !self.quiet {
-            eprintln!(
-                "[{:>5.1}s] {}: {step}",
-                self.started.elapsed().as_secs_f32(),
-                self.node
-            );
+            self.plain(step);
         }
     }
 
@@ -116,28 +119,38 @@ impl NodeProgress {
         if self.tty {
             self.bar.finish_with_message(msg.to_string());
         } else if !self.quiet {
-            eprintln!(
-                "[{:>5.1}s] {}: {msg}",
-                self.started.elapsed().as_secs_f32(),
-                self.node
-            );
+            self.plain(msg);
         }
     }
 
     pub fn fail(&self, msg: &str) {
         self.done(&format!("FAILED: {msg}"));
     }
+
+    fn plain(&self, msg: &str) {
+        stderr(&format!(
+            "[{:>5.1}s] {}: {msg}\n",
+            self.started.elapsed().as_secs_f32(),
+            self.node
+        ));
+    }
 }
 
 /// Write to stdout; a closed pipe (`klab … | head`) ends the program quietly instead of panicking.
 pub fn stdout(s: &str) {
-    use std::io::Write;
     let mut out = std::io::stdout().lock();
     if let Err(e) = out.write_all(s.as_bytes()).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }
-        eprintln!("error: cannot write to stdout: {e}");
+        stderr(&format!("error: cannot write to stdout: {e}\n"));
         std::process::exit(2);
     }
+}
+
+/// Write to stderr and ignore failure: there is nowhere left to report it, and a lost note must
+/// not turn into a panic (exit 101) or a different exit status.
+pub fn stderr(s: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(s.as_bytes()).and_then(|()| err.flush());
 }
