@@ -113,16 +113,7 @@ pub fn plan(p: &Printer, g: &GlobalArgs, file: &Path) -> Result<(), CmdError> {
         plan.uri,
         plan.accel.as_str()
     ));
-    p.line(format!(
-        "  pool    {} {}{}",
-        plan.pool.name,
-        plan.pool.path,
-        if plan.pool.owned {
-            ""
-        } else {
-            " (existing, not owned)"
-        }
-    ));
+    p.line(format!("  pool    {} {}", plan.pool.name, plan.pool.path));
     for n in &plan.networks {
         p.line(format!(
             "  network {:<28} {:<8} {}/{} bridge {}{}",

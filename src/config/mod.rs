@@ -161,6 +161,10 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
     // Built once: the schema is a constant of the program.
     static SCHEMA: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(schema_json);
     for u in keys::unknown_keys(table.get_ref(), &SCHEMA) {
+        if let Some((message, hint)) = retired_key(&u.path, table.get_ref()) {
+            ctx.report(&u.span, &u.path, message, Some(hint));
+            continue;
+        }
         let message = if u.owner.is_empty() {
             format!("unknown key `{}`", u.key)
         } else {
@@ -201,6 +205,27 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
     match validate::validate(&cfg, &mut ctx) {
         Some(lab) if ctx.diags.is_empty() => Ok(lab),
         _ => Err(finish(ctx.diags)),
+    }
+}
+
+/// Keys klab used to accept, with what to do instead: clearer than "unknown key".
+fn retired_key(path: &str, table: &toml::de::DeTable<'_>) -> Option<(String, String)> {
+    match path {
+        "host.pool" => {
+            let pool = match table.get("name").map(|n| n.get_ref()) {
+                Some(toml::de::DeValue::String(n)) if units::is_lab_name(n) => {
+                    format!("`klab-{n}`")
+                }
+                _ => "`klab-<name>`".to_string(),
+            };
+            Some((
+                "[host] `pool` is no longer supported".to_string(),
+                format!(
+                    "remove it; klab makes a storage pool per lab ({pool}) and `klab down` removes it"
+                ),
+            ))
+        }
+        _ => None,
     }
 }
 

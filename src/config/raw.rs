@@ -115,8 +115,6 @@ pub struct HostConfig {
     pub uri: Option<Field<String>>,
     /// Accelerator: `auto` uses KVM where libvirt offers it; `qemu` (TCG) works everywhere.
     pub accel: Option<Field<AccelName>>,
-    /// Use this existing libvirt storage pool instead of creating one for the lab.
-    pub pool: Option<Field<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -613,18 +613,6 @@ fn host(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Host {
             AccelName::Qemu => Accel::Qemu,
         };
     }
-    if let Some((pool, span)) = ctx.get(&h.value.pool, &at, "pool", "a string") {
-        if pool.is_empty() || pool.contains(['/', ' ']) {
-            ctx.report(
-                &span,
-                "host.pool",
-                format!("[host] pool `{pool}` is not a valid storage pool name"),
-                Some("name an existing libvirt storage pool (see `virsh pool-list --all`)".into()),
-            );
-        } else {
-            host.pool = Some(pool.clone());
-        }
-    }
     host
 }
 
