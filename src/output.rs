@@ -79,13 +79,16 @@ impl Printer {
             ProgressStyle::with_template("{spinner} {prefix} {msg} {elapsed:>4}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
-        bar.set_prefix(format!("{node:<width$}"));
+        let prefix = format!("{node:<width$}");
+        bar.set_prefix(prefix.clone());
         if self.tty {
             bar.enable_steady_tick(Duration::from_millis(120));
         }
         NodeProgress {
             node: node.to_string(),
+            prefix,
             bar,
+            multi: self.multi.clone(),
             tty: self.tty,
             quiet: self.is_json(),
             started: Instant::now(),
@@ -100,7 +103,10 @@ impl Printer {
 
 pub struct NodeProgress {
     node: String,
+    /// The node name padded like the other bars' prefixes.
+    prefix: String,
     bar: ProgressBar,
+    multi: Arc<MultiProgress>,
     tty: bool,
     quiet: bool,
     started: Instant,
@@ -115,9 +121,18 @@ impl NodeProgress {
         }
     }
 
+    /// The last word on this node. On a terminal the bar becomes a plain line above the bars still
+    /// running, so finished nodes and the result lines after them read in the order they happened.
     pub fn done(&self, msg: &str) {
         if self.tty {
-            self.bar.finish_with_message(msg.to_string());
+            self.bar.finish_and_clear();
+            self.multi.remove(&self.bar);
+            let line = format!(
+                "  {} {msg} {}s\n",
+                self.prefix,
+                self.started.elapsed().as_secs()
+            );
+            self.multi.suspend(|| stderr(&line));
         } else if !self.quiet {
             self.plain(msg);
         }

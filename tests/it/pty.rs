@@ -199,6 +199,19 @@ fn progress_and_result_share_the_terminal_when_both_streams_are_on_it() {
         .find("kept ")
         .unwrap_or_else(|| panic!("no result on the terminal: {:?}", run.terminal));
     assert!(done < result, "{:?}", run.terminal);
+    // The finished spinner is a line of its own, once; nothing is drawn after the result.
+    assert_eq!(
+        run.terminal.matches("image debian-12 built").count(),
+        1,
+        "{:?}",
+        run.terminal
+    );
+    assert!(
+        run.terminal
+            .ends_with("now use this image (direct kernel boot, no download)\r\n"),
+        "{:?}",
+        run.terminal
+    );
     assert!(
         run.terminal.contains("(0 MiB, sha256 abababababab, "),
         "{:?}",
