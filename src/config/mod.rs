@@ -69,6 +69,9 @@ pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
     Ok(parse_bytes(&bytes, &path.display().to_string())?)
 }
 
+/// The loader's I/O edge: one stat and one bounded read. A FIFO, device or directory is refused
+/// before it is opened (opening a FIFO waits for a writer; `/dev/zero` never ends), and a regular
+/// file is read through `take`, so a file that grows while it is read cannot pass the bound either.
 fn read_bounded(path: &Path) -> Result<Vec<u8>, LoadError> {
     use std::io::Read;
     let io = |source| LoadError::Io {

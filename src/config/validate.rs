@@ -217,7 +217,7 @@ impl<'a> Ctx<'a> {
                             "{}{key} {net} overlaps the {what} range {range}",
                             at.prefix()
                         ),
-                        Some(PRIVATE_RANGES_HINT.into()),
+                        Some(private_ranges_hint(key)),
                     );
                     None
                 }
@@ -376,8 +376,15 @@ const RESERVED_RANGES: &[(&str, Ipv4Addr, u8)] = &[
     ("reserved", Ipv4Addr::new(240, 0, 0, 0), 4),
 ];
 
-const PRIVATE_RANGES_HINT: &str =
-    "use a private range (10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16), e.g. \"10.10.1.0/24\"";
+/// Where to look instead, with an example of the usual size for `key`.
+fn private_ranges_hint(key: &str) -> String {
+    let example = match key {
+        "pod-cidr" => defaults::POD_CIDR,
+        "service-cidr" => defaults::SERVICE_CIDR,
+        _ => "10.10.1.0/24",
+    };
+    format!("use a private range (10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16), e.g. \"{example}\"")
+}
 
 /// The special-purpose range `net` overlaps, if any, with its name.
 fn reserved_range(net: Ipv4Network) -> Option<(&'static str, Ipv4Network)> {
