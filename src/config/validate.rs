@@ -462,6 +462,8 @@ struct K8sDraft {
     /// Where `pod-cidr` is written (`None`: the default).
     pod_span: Option<Span>,
     service: Option<Ipv4Network>,
+    /// Where `service-cidr` is written (`None`: the default).
+    service_span: Option<Span>,
     cni: Option<Cni>,
     vip: Option<(Ipv4Addr, Span)>,
     calico: Option<String>,
@@ -500,6 +502,7 @@ pub(super) fn validate(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<Lab> {
     let ips = allocate(&expanded, &nodes, &nets, k8s.as_ref(), ctx);
     if let Some(k) = &k8s {
         check_pod_cidr_size(k, &nodes, &expanded, ctx);
+        check_service_cidr_size(k, ctx);
     }
     let kubernetes = k8s.and_then(|k| finish_kubernetes(k, &nodes, &expanded, &nets, ctx));
 
@@ -1486,6 +1489,7 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         cluster_ok,
         pod_span: pod.as_ref().and_then(|(_, s)| s.clone()),
         pod: pod.filter(|_| pod_ok).map(|(n, _)| n),
+        service_span: service.as_ref().and_then(|(_, s)| s.clone()),
         service: service.filter(|_| svc_ok).map(|(n, _)| n),
         cni,
         vip,
@@ -2095,6 +2099,9 @@ fn allocate(
 /// kubeadm configuration leaves at its default).
 const NODE_POD_PREFIX: u8 = 24;
 
+/// kubeadm refuses a pod range more than this many bits larger than the per-node range.
+const POD_NODE_MAX_DIFF: u8 = 16;
+
 /// The pod range must hold one /24 per Kubernetes node: kube-controller-manager hands every node a
 /// /24 of it (and does not start with a pod range smaller than one /24), and Calico's IPAM takes its
 /// /26 blocks from there. So `n` nodes need a prefix of at most `24 - ceil(log2 n)`.
@@ -2105,6 +2112,23 @@ fn check_pod_cidr_size(
     ctx: &mut Ctx<'_>,
 ) {
     let Some(pod) = k.pod else { return };
+    let (span, shown) = match &k.pod_span {
+        Some(s) => (s.clone(), format!("pod-cidr {pod}")),
+        None => (k.span.clone(), format!("pod-cidr {pod} (the default)")),
+    };
+    if pod.prefix() + POD_NODE_MAX_DIFF < NODE_POD_PREFIX {
+        ctx.report(
+            &span,
+            "kubernetes.pod-cidr",
+            format!("[kubernetes] {shown} is too large"),
+            Some(format!(
+                "kubeadm takes a pod range at most {POD_NODE_MAX_DIFF} bits larger than the per-node /{NODE_POD_PREFIX}, so a /{} at most; e.g. pod-cidr = \"{}\"",
+                NODE_POD_PREFIX - POD_NODE_MAX_DIFF,
+                defaults::POD_CIDR
+            )),
+        );
+        return;
+    }
     let n = expanded
         .iter()
         .filter(|e| nodes[e.node].role != Role::None)
@@ -2115,10 +2139,6 @@ fn check_pod_cidr_size(
     if pod.prefix() <= needed {
         return;
     }
-    let (span, shown) = match &k.pod_span {
-        Some(s) => (s.clone(), format!("pod-cidr {pod}")),
-        None => (k.span.clone(), format!("pod-cidr {pod} (the default)")),
-    };
     let nodes_word = if n == 1 { "node" } else { "nodes" };
     // The user's range widened to the size it needs.
     let example = Ipv4Network::new(pod.network(), needed)
@@ -2130,6 +2150,32 @@ fn check_pod_cidr_size(
         format!("[kubernetes] {shown} is too small for {n} Kubernetes {nodes_word}"),
         Some(format!(
             "kube-controller-manager gives every node a /{NODE_POD_PREFIX} of the pod range (Calico's /26 blocks come from it), so {n} {nodes_word} need a /{needed} or larger, e.g. pod-cidr = \"{example}\""
+        )),
+    );
+}
+
+/// kubeadm's bounds on the service range: at most 2^20 addresses (a /12), and room for the 10th
+/// address, which it gives to CoreDNS (so a /28 at least).
+fn check_service_cidr_size(k: &K8sDraft, ctx: &mut Ctx<'_>) {
+    let Some(svc) = k.service else { return };
+    let (span, shown) = match &k.service_span {
+        Some(s) => (s.clone(), format!("service-cidr {svc}")),
+        None => (k.span.clone(), format!("service-cidr {svc} (the default)")),
+    };
+    let problem = if svc.prefix() < 12 {
+        "is too large: kubeadm takes at most a /12 (2^20 addresses)"
+    } else if svc.prefix() > 28 {
+        "is too small: kubeadm gives CoreDNS its 10th address, so it needs a /28 or larger"
+    } else {
+        return;
+    };
+    ctx.report(
+        &span,
+        "kubernetes.service-cidr",
+        format!("[kubernetes] {shown} {problem}"),
+        Some(format!(
+            "e.g. service-cidr = \"{}\" (the default)",
+            defaults::SERVICE_CIDR
         )),
     );
 }
