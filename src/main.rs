@@ -48,10 +48,11 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    // A failed write to stderr is dropped, never reported with a panicking `eprintln!`.
+    // Log lines go above the progress bars; a failed write to stderr is dropped, never
+    // reported with a panicking `eprintln!`.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(klab::output::log_writer)
         .with_target(false)
         .log_internal_errors(false)
         .init();

@@ -6,13 +6,17 @@
 //! reader that went away) loses the message, not the exit status.
 
 use std::io::{IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::cli::OutputFormat;
+
+/// The bars on the terminal, once a [`Printer`] draws them: log lines ([`log_writer`]) are written
+/// above them instead of through them.
+static BARS: OnceLock<Arc<MultiProgress>> = OnceLock::new();
 
 #[derive(Clone)]
 pub struct Printer {
@@ -30,11 +34,12 @@ impl Printer {
         } else {
             ProgressDrawTarget::hidden()
         });
-        Self {
-            format,
-            multi: Arc::new(multi),
-            tty,
+        let multi = Arc::new(multi);
+        if tty {
+            // One printer per run; a second one (tests) keeps the first one's bars.
+            let _ = BARS.set(multi.clone());
         }
+        Self { format, multi, tty }
     }
 
     pub fn is_json(&self) -> bool {
@@ -148,6 +153,31 @@ impl NodeProgress {
             self.started.elapsed().as_secs_f32(),
             self.node
         ));
+    }
+}
+
+/// Writer for `tracing`: stderr, above the progress bars when they are drawn, errors ignored.
+pub fn log_writer() -> LogWriter {
+    LogWriter
+}
+
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let write = || {
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(buf).and_then(|()| err.flush());
+        };
+        match BARS.get() {
+            Some(bars) => bars.suspend(write),
+            None => write(),
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -220,6 +220,26 @@ fn progress_and_result_share_the_terminal_when_both_streams_are_on_it() {
 }
 
 #[test]
+fn log_lines_are_written_above_the_bars_not_through_them() {
+    let data = tempfile::tempdir().unwrap();
+    cached_build(data.path());
+    let run = on_pty(&["-v", "image", "build", "debian-12"], data.path(), None);
+    assert!(run.status.success(), "{}", run.terminal);
+    let at = run
+        .terminal
+        .find("image `debian-12`: already built at")
+        .unwrap_or_else(|| panic!("no log line: {:?}", run.terminal));
+    // The log line starts on a line of its own: the spinner was cleared (`ESC[2K`) first.
+    let line_start = run.terminal[..at].rfind(['\n', '\r']).map_or(0, |i| i + 1);
+    let head = &run.terminal[line_start..at];
+    assert!(
+        !head.contains("image debian-12 building"),
+        "the log line was written into the spinner's line: {head:?}"
+    );
+    assert!(head.starts_with("\u{1b}[2K"), "{head:?}");
+}
+
+#[test]
 fn with_stdout_redirected_the_spinner_stays_on_the_terminal() {
     let data = tempfile::tempdir().unwrap();
     cached_build(data.path());
