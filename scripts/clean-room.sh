@@ -76,6 +76,10 @@ deb $mirror bookworm-updates main
 deb http://deb.debian.org/debian-security bookworm-security main
 SRC
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's TLS trust (a workplace may add its own CA for the package registries) is part of
+# the machine, not of klab's install steps: carry it over as a local CA so package updates keep it.
+cp /etc/ssl/certs/ca-certificates.crt "$root/usr/local/share/ca-certificates/host-trust.crt"
+chroot "$root" update-ca-certificates >/dev/null 2>&1 || die "update-ca-certificates in the room"
 [ -f /etc/apt/apt.conf.d/99artifact-registry ] && cp /etc/apt/apt.conf.d/99artifact-registry "$root/etc/apt/apt.conf.d/"
 log "root ready after $((SECONDS - t0)) s"
 
