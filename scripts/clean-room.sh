@@ -22,6 +22,7 @@ set -euo pipefail
 
 log() { printf '[clean-room %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FAILED: $*"; exit 1; }
+trap 'log "FAILED: line $LINENO: $BASH_COMMAND (exit $?)"' ERR
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, namespaces)"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
@@ -44,7 +45,7 @@ command -v unshare >/dev/null || die "unshare (util-linux) is missing"
 unmount_all() {
   # Deepest first; lazy so a busy mount cannot wedge the cleanup.
   if [ -d "$root" ]; then
-    findmnt -rn -o TARGET | grep -F "$root" | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
+    { findmnt -rn -o TARGET | grep -F "$root" || true; } | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   fi
 }
 cleanup() {
