@@ -265,6 +265,9 @@ pub struct CommandOp {
     pub when: Option<When>,
     /// What to do when it fails (or warns).
     pub hint: Option<String>,
+    /// Read-only: a probe may run it to learn the values it captures (which config variant).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub query: bool,
 }
 
 /// A value taken from a command's stdout.
@@ -274,6 +277,9 @@ pub struct Capture {
     /// `Some(p)`: the rest of the first stdout line starting with `p`; `None`: all of stdout.
     pub line_prefix: Option<String>,
     pub secret: bool,
+    /// The value holds for the whole cluster (the resolved patch), not just this node.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl Capture {
@@ -348,13 +354,14 @@ fn tpl(name: &str) -> FileContent {
 fn cmd(name: &str, run: &str, timeout_secs: u64) -> CommandOp {
     CommandOp {
         name: name.to_string(),
-        run: run.trim_end().to_string(),
+        run: run.trim().to_string(),
         timeout_secs,
         ok_exit: vec![0],
         warn_exit: Vec::new(),
         captures: Vec::new(),
         when: None,
         hint: None,
+        query: false,
     }
 }
 
@@ -372,6 +379,21 @@ impl CommandOp {
             value: value.to_string(),
             line_prefix: prefix.map(str::to_string),
             secret,
+            cluster: false,
+        });
+        self
+    }
+    fn query(mut self) -> Self {
+        self.query = true;
+        self
+    }
+    /// Like `capture`, for a value that holds for the whole cluster.
+    fn capture_cluster(mut self, value: &str, prefix: Option<&str>, secret: bool) -> Self {
+        self.captures.push(Capture {
+            value: value.to_string(),
+            line_prefix: prefix.map(str::to_string),
+            secret,
+            cluster: true,
         });
         self
     }
@@ -395,7 +417,7 @@ fn put(f: FileOp) -> Op {
 fn probe(files_match: bool, command: Option<&str>) -> Option<Probe> {
     Some(Probe {
         files_match,
-        command: command.map(|c| c.trim_end().to_string()),
+        command: command.map(|c| c.trim().to_string()),
     })
 }
 
@@ -704,7 +726,7 @@ fn resolve_version(c: &Ctx<'_>) -> Phase {
     let ops = vec![
         run(cmd("newest patch of the minor (apt)", RESOLVE_APT, QUICK)
             .when(when(value::PKG, "apt"))
-            .capture(
+            .capture_cluster(
                 value::KUBERNETES_VERSION,
                 Some("kubernetes-version="),
                 false,
@@ -712,7 +734,7 @@ fn resolve_version(c: &Ctx<'_>) -> Phase {
             .hint(hint)),
         run(cmd("newest patch of the minor (dnf)", RESOLVE_DNF, QUICK)
             .when(when(value::PKG, "dnf"))
-            .capture(
+            .capture_cluster(
                 value::KUBERNETES_VERSION,
                 Some("kubernetes-version="),
                 false,
@@ -819,9 +841,11 @@ fn containerd(c: &Ctx<'_>) -> Phase {
         )
         .when(when(value::PKG, "dnf"))),
         run(cmd("containerd major version", CONTAINERD_MAJOR, QUICK)
-            .capture(value::CONTAINERD_MAJOR, Some("containerd-major="), false)),
+            .capture(value::CONTAINERD_MAJOR, Some("containerd-major="), false)
+            .query()),
         run(cmd("sandbox image kubeadm expects", &sandbox, QUICK)
-            .capture(value::SANDBOX_IMAGE, Some("sandbox-image="), false)),
+            .capture(value::SANDBOX_IMAGE, Some("sandbox-image="), false)
+            .query()),
         // A whole minimal file per major version: `config default` + sed silently misses keys.
         put(file(CONTAINERD_CONFIG, tpl(template::CONTAINERD_1), 0o644)
             .when(when(value::CONTAINERD_MAJOR, "1"))),
@@ -1119,7 +1143,7 @@ fn kubeconfig(c: &Ctx<'_>) -> Phase {
                 &format!("cat {ADMIN_CONF}"),
                 QUICK,
             )
-            .capture(value::ADMIN_KUBECONFIG, None, true))],
+            .capture_cluster(value::ADMIN_KUBECONFIG, None, true))],
         }],
     )
 }
@@ -1201,6 +1225,7 @@ mod tests {
             value: "pkg".into(),
             line_prefix: Some("pkg=".into()),
             secret: false,
+            cluster: false,
         };
         assert_eq!(c.extract("os=debian-12\npkg=apt\n").as_deref(), Some("apt"));
         assert_eq!(c.extract("os=debian-12\n"), None);
@@ -1209,6 +1234,7 @@ mod tests {
             value: "admin".into(),
             line_prefix: None,
             secret: true,
+            cluster: true,
         };
         assert_eq!(all.extract("a: 1\nb: 2\n").as_deref(), Some("a: 1\nb: 2\n"));
     }

@@ -2,6 +2,7 @@
 
 pub mod identity;
 pub mod recording;
+pub mod runner;
 pub mod ssh;
 
 use std::time::Duration;

@@ -895,3 +895,189 @@ fn control_planes_without_workers_take_pods() {
         "{ids:?}"
     );
 }
+
+/// The HA fixture's resolved phases through the runner, every node a `RecordingRemote` that
+/// answers the captures like a fresh Debian 12 node with containerd 2.x.
+#[tokio::test]
+async fn runner_builds_the_ha_fixture_in_phase_order() {
+    use klab::plan::secret::Secret;
+    use klab::provision::Remote;
+    use klab::provision::recording::{Recorded, RecordingRemote, exit, ok};
+    use klab::provision::runner::{Event, NodeOutcome, Runner, Val, Values, as_root};
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    let lab = klab::plan::fixtures::ha_lab();
+    let p = klab::plan::plan(&lab, &klab::plan::fixtures::inputs(&lab.name));
+    let t = Templates::builtin().expect("templates");
+    let plan = render::resolve_provision(&p, &t)
+        .expect("render")
+        .expect("k8s");
+
+    let mut remotes: BTreeMap<String, RecordingRemote> = BTreeMap::new();
+    for (i, node) in p.nodes.iter().enumerate() {
+        let mut r = RecordingRemote::new(&node.name)
+            .on_prefix(
+                "sudo -n sh -c '. /etc/os-release",
+                ok(&format!(
+                    "os=debian-12\npkg=apt\nproduct-uuid=uuid-{i}\nmacs={}\n",
+                    node.nics[0].mac
+                )),
+            )
+            .on_prefix(
+                "sudo -n sh -c 'v=$(containerd --version",
+                ok("containerd-major=2\n"),
+            )
+            .on_prefix(
+                "sudo -n sh -c 'img=$(kubeadm config images list",
+                ok("sandbox-image=registry.k8s.io/pause:3.10.1\n"),
+            )
+            .on_prefix(
+                "sudo -n sh -c 'v=$(apt-cache madison",
+                ok("kubernetes-version=1.36.4\n"),
+            )
+            .on(
+                "sudo -n sh -c 'cat /etc/kubernetes/admin.conf'",
+                ok("apiVersion: v1\nkind: Config\n"),
+            );
+        // A fresh node: no probe holds.
+        for ph in &plan.phases {
+            if let Some(np) = ph.node(&node.name)
+                && let Some(cmd) = np.probe.as_ref().and_then(|pr| pr.command.as_ref())
+            {
+                let filled = cmd
+                    .replace("${klab:pkg}", "apt")
+                    .replace("${klab:kubernetes-version}", "1.36.4");
+                r = r.on(&as_root(&filled), exit(1, ""));
+            }
+        }
+        remotes.insert(node.name.clone(), r);
+    }
+    let mut values = Values::default();
+    values.set_public(
+        value::CA_CERT,
+        "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n",
+    );
+    values.set_secret(
+        value::CA_KEY,
+        Secret::new("-----BEGIN PRIVATE KEY-----\nK\n-----END PRIVATE KEY-----\n"),
+    );
+    values.set_public(
+        value::CA_CERT_HASH,
+        "sha256:0d85ef031b4b9a377e3170a57db66df240ab1b4676042a00bb944532cb6305c8",
+    );
+    values.set_secret(
+        value::BOOTSTRAP_TOKEN,
+        Secret::new("abcdef.0123456789abcdef"),
+    );
+    values.set_secret(value::CERTIFICATE_KEY, Secret::new("ab".repeat(32)));
+    values.set_public(value::CALICO_MANIFEST, "kind: DaemonSet\n");
+
+    let order = Mutex::new(Vec::new());
+    let record = |e: &Event| {
+        if let Event::NodeStarted { phase, node } = e {
+            order
+                .lock()
+                .unwrap()
+                .push(format!("{} {node}", phase.as_str()));
+        }
+    };
+    let reports = Runner::new(&remotes, 3, &record)
+        .run(&plan, &mut values)
+        .await
+        .expect("every phase succeeds");
+    assert_eq!(reports.len(), plan.phases.len());
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.nodes.iter().all(|(_, o)| *o == NodeOutcome::Done))
+    );
+    assert_eq!(
+        values.cluster.get(value::KUBERNETES_VERSION),
+        Some(&Val::Public("1.36.4".into()))
+    );
+    assert!(matches!(
+        values.cluster.get(value::ADMIN_KUBECONFIG),
+        Some(Val::Secret(_))
+    ));
+    assert_eq!(
+        values.get("w2", value::CONTAINERD_MAJOR),
+        Some(&Val::Public("2".into()))
+    );
+
+    let order = order.into_inner().unwrap();
+    let at = |s: &str| {
+        order
+            .iter()
+            .position(|o| o == s)
+            .unwrap_or_else(|| panic!("{s} ran"))
+    };
+    assert!(at("kubeadm-init cp1") < at("join-control-plane cp2"));
+    assert!(at("join-control-plane cp2") < at("join-control-plane cp3"));
+    assert!(at("join-control-plane cp3") < at("join-workers w1"));
+
+    for (node, r) in &remotes {
+        for call in r.calls() {
+            let Recorded::Exec { command, stdin, .. } = call else {
+                panic!("{node}: the runner writes files through exec");
+            };
+            let stdin = stdin
+                .map(|s| String::from_utf8_lossy(&s).into_owned())
+                .unwrap_or_default();
+            assert!(
+                !command.contains("${klab:") && !stdin.contains("${klab:"),
+                "{node}: unfilled marker in {command}"
+            );
+            assert!(
+                !command.contains("dnf install"),
+                "{node}: took the dnf path on apt"
+            );
+            assert!(command.starts_with("sudo -n sh -c "), "{node}: {command}");
+        }
+    }
+    let joins = |node: &str| {
+        remotes[node]
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Recorded::Exec {
+                    command,
+                    stdin: Some(s),
+                    ..
+                } if command.contains("/etc/klab/kubeadm/join.yaml.klab-new") => {
+                    Some(String::from_utf8_lossy(&s).into_owned())
+                }
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let w1 = joins("w1");
+    assert_eq!(w1.len(), 1);
+    assert!(w1[0].contains("    token: \"abcdef.0123456789abcdef\"\n"));
+    assert!(w1[0].contains(
+        "      - \"sha256:0d85ef031b4b9a377e3170a57db66df240ab1b4676042a00bb944532cb6305c8\"\n"
+    ));
+    assert!(
+        !remotes["w1"]
+            .commands()
+            .iter()
+            .any(|c| c.contains("kubeadm init"))
+    );
+    let config = remotes["cp2"]
+        .calls()
+        .into_iter()
+        .find_map(|c| match c {
+            Recorded::Exec {
+                command,
+                stdin: Some(s),
+                ..
+            } if command.contains("/etc/containerd/config.toml.klab-new") => {
+                Some(String::from_utf8_lossy(&s).into_owned())
+            }
+            _ => None,
+        })
+        .expect("containerd config written");
+    assert!(config.starts_with("# klab: minimal config for containerd 2.x"));
+    assert!(config.contains("  sandbox = \"registry.k8s.io/pause:3.10.1\"\n"));
+    let _ = remotes["cp1"].node();
+}
