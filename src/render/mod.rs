@@ -383,7 +383,10 @@ fn resolve_with(
         .unwrap_or(32);
     for phase in &mut out.phases {
         for np in &mut phase.nodes {
-            let Some(node) = plan.node(&np.node) else {
+            let has_template = np.ops.iter().any(
+                |op| matches!(op, Op::File(f) if matches!(f.content, FileContent::Template { .. })),
+            );
+            let Some(node) = plan.node(&np.node).filter(|_| has_template) else {
                 continue;
             };
             let object = format!("node `{}` ({})", node.name, phase.id.as_str());

@@ -1081,3 +1081,32 @@ async fn runner_builds_the_ha_fixture_in_phase_order() {
     assert!(config.contains("  sandbox = \"registry.k8s.io/pause:3.10.1\"\n"));
     let _ = remotes["cp1"].node();
 }
+
+#[test]
+fn validate_warns_about_an_end_of_life_minor_and_succeeds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lab = dir.path().join("old.toml");
+    std::fs::write(
+        &lab,
+        "name = \"old\"\n[networks.c]\nmode = \"isolated\"\ncidr = \"10.1.0.0/24\"\n\
+         [[nodes]]\nname = \"cp\"\nrole = \"control-plane\"\nnics = [ { network = \"c\" } ]\n\
+         [kubernetes]\nversion = \"1.33\"\ncluster-network = \"c\"\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_klab"))
+        .args(["validate", lab.to_str().expect("utf-8")])
+        .env("KLAB_DATA_DIR", dir.path().join("data"))
+        .output()
+        .expect("run klab");
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr,
+        format!(
+            "warning: {}:10:11: [kubernetes] version 1.33 is past its end of life\n  \
+             hint: it still builds, but gets no fixes; supported minors are 1.35, 1.36 and 1.37, e.g. version = \"1.36\"\n",
+            lab.display()
+        )
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
+}
