@@ -565,6 +565,28 @@ mod tests {
     }
 
     #[test]
+    fn plans_saved_before_the_provisioner_still_load() {
+        let (_, p) = ha();
+        let mut json = serde_json::to_value(&p).expect("json");
+        let k = json["kubernetes"].as_object_mut().expect("kubernetes");
+        for key in [
+            "patch_version",
+            "encapsulation",
+            "package_repo",
+            "package_key",
+            "image_repository",
+            "calico_manifest",
+            "provision",
+        ] {
+            k.remove(key);
+        }
+        let old: LabPlan = serde_json::from_value(json).expect("old plan loads");
+        let k = old.kubernetes.expect("kubernetes");
+        assert!(k.provision.phases.is_empty());
+        assert_eq!(k.package_repo, "");
+    }
+
+    #[test]
     fn single_control_plane_without_vip() {
         let lab = fixtures::generated_lab(3);
         let p = plan(&lab, &fixtures::inputs(&lab.name));

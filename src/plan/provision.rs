@@ -230,7 +230,8 @@ pub struct When {
 pub struct FileOp {
     pub path: String,
     pub content: FileContent,
-    /// Octal, e.g. `0o644`.
+    /// Permission bits; written as an octal string (`"0644"`) in the plan.
+    #[serde(with = "octal_mode")]
     pub mode: u32,
     /// `user:group`.
     pub owner: String,
@@ -294,6 +295,21 @@ impl Capture {
             None => stdout.to_string(),
         };
         (!v.trim().is_empty()).then_some(v)
+    }
+}
+
+/// File modes as `"0644"` in JSON: the form people read and `chmod` takes.
+mod octal_mode {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{mode:04o}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let text = String::deserialize(d)?;
+        u32::from_str_radix(&text, 8)
+            .map_err(|_| D::Error::custom(format!("file mode `{text}` is not octal")))
     }
 }
 
@@ -1237,6 +1253,24 @@ mod tests {
             cluster: true,
         };
         assert_eq!(all.extract("a: 1\nb: 2\n").as_deref(), Some("a: 1\nb: 2\n"));
+    }
+
+    #[test]
+    fn file_modes_are_octal_strings() {
+        let f = FileOp {
+            path: "/etc/x".into(),
+            content: FileContent::Text { text: "x".into() },
+            mode: 0o600,
+            owner: "root:root".into(),
+            when: None,
+        };
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            json,
+            r#"{"path":"/etc/x","content":{"kind":"text","text":"x"},"mode":"0600","owner":"root:root","when":null}"#
+        );
+        assert_eq!(serde_json::from_str::<FileOp>(&json).unwrap(), f);
+        assert!(serde_json::from_str::<FileOp>(&json.replace("0600", "rw")).is_err());
     }
 
     #[test]

@@ -252,8 +252,11 @@ pub struct KubernetesSpec {
     /// `kubernetes-internal-ip`: calico-node takes the node's InternalIP, which the kubelet's
     /// node-ip pins to the cluster network (`interface=`/`cidr=` could pick up the VIP).
     pub calico_autodetect: String,
+    // Defaults keep plans saved by older klab versions readable.
+    #[serde(default)]
     pub encapsulation: crate::model::Encapsulation,
     /// pkgs.k8s.io or the lab's mirror (without the `/v1.NN/deb/` tail).
+    #[serde(default)]
     pub package_repo: String,
     pub package_key: Option<String>,
     /// kubeadm `imageRepository`, when the lab sets one.
