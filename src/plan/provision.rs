@@ -40,7 +40,7 @@ pub mod value {
     pub const PKG: &str = "pkg";
     /// Captured by `detect-os`: `/sys/class/dmi/id/product_uuid`.
     pub const PRODUCT_UUID: &str = "product-uuid";
-    /// Captured by `detect-os`: every NIC's MAC, space separated.
+    /// Captured by `detect-os`: every physical NIC's MAC, space separated.
     pub const MACS: &str = "macs";
     /// Captured by `containerd`: `1` or `2`.
     pub const CONTAINERD_MAJOR: &str = "containerd-major";
@@ -560,7 +560,9 @@ esac
 echo "os=$ID-$VERSION_ID"
 echo "pkg=$pkg"
 echo "product-uuid=$(cat /sys/class/dmi/id/product_uuid)"
-echo "macs=$(cat /sys/class/net/*/address | grep -v '^00:00:00:00:00:00$' | LC_ALL=C sort | tr '\n' ' ')"
+# Physical NICs only: Calico's cali* veths carry ee:ee:ee:ee:ee:ee on every node.
+macs=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && cat "$d/address"; done | LC_ALL=C sort | tr '\n' ' ')
+echo "macs=$macs"
 "#;
 
 fn detect_os(c: &Ctx<'_>) -> Phase {

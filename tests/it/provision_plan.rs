@@ -1110,3 +1110,45 @@ fn validate_warns_about_an_end_of_life_minor_and_succeeds() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("is valid"));
 }
+
+/// Every command and probe of every Kubernetes lab parses as a POSIX shell script (`sh -n`).
+#[test]
+fn every_script_is_valid_sh() {
+    let t = Templates::builtin().expect("templates");
+    let mut checked = 0;
+    for (name, p, _) in kubernetes_cases() {
+        let plan = render::resolve_provision(&p, &t)
+            .expect("render")
+            .expect("k8s");
+        for ph in &plan.phases {
+            for np in &ph.nodes {
+                let mut scripts: Vec<(String, &str)> = np
+                    .ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::Run(c) => Some((c.name.clone(), c.run.as_str())),
+                        Op::File(_) => None,
+                    })
+                    .collect();
+                if let Some(c) = np.probe.as_ref().and_then(|pr| pr.command.as_deref()) {
+                    scripts.push(("probe".into(), c));
+                }
+                for (what, script) in scripts {
+                    let out = std::process::Command::new("sh")
+                        .args(["-n", "-c", script])
+                        .output()
+                        .expect("run sh");
+                    assert!(
+                        out.status.success(),
+                        "{name}: {} on {}: `{what}` is not valid sh: {}\n{script}",
+                        ph.id.as_str(),
+                        np.node,
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 200, "only {checked} scripts");
+}
