@@ -1034,6 +1034,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_timeout_names_the_command_not_its_filled_text() {
+        let c = command(
+            "kubeadm join",
+            "kubeadm join --token ${klab:bootstrap-token}",
+        );
+        let ph = phase(
+            PhaseId::JoinWorkers,
+            Schedule::Serial,
+            &["w1"],
+            vec![Op::Run(c)],
+        );
+        let r = remotes(vec![
+            RecordingRemote::new("w1").with_default(crate::provision::recording::Reply::Timeout),
+        ]);
+        let mut values = Values::default();
+        values.set_secret("bootstrap-token", Secret::new("abcdef.0123456789abcdef"));
+        let err = Runner::new(&r, 1, &quiet)
+            .run_phase(&ph, &mut values)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("w1: phase `join-workers`: `kubeadm join`\n  next: {GENERIC_HINT}")
+        );
+        let source = std::error::Error::source(&err).expect("source").to_string();
+        assert_eq!(source, "w1: `kubeadm join` timed out after 30s");
+    }
+
+    #[tokio::test]
     async fn shared_product_uuid_is_refused() {
         let mut ph = phase(
             PhaseId::DetectOs,

@@ -749,6 +749,37 @@ mod tests {
     }
 
     #[test]
+    fn provisioning_templates_are_overridable() {
+        let p = planned(&fixtures::ha_lab());
+        let mut o = BTreeMap::new();
+        o.insert(
+            template::CRICTL.to_string(),
+            "runtime-endpoint: {{ cri_socket }}\ntimeout: 30\n".to_string(),
+        );
+        let r = render_lab(&p, None, &Templates::new(o).expect("parses")).expect("render");
+        let crictl = r
+            .files()
+            .into_iter()
+            .find(|(path, _)| path == "nodes/w2/provision/etc/crictl.yaml")
+            .expect("crictl.yaml");
+        assert_eq!(
+            crictl.1,
+            "runtime-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n"
+        );
+        let resolved = resolve_provision(&p, &builtin())
+            .expect("render")
+            .expect("kubernetes");
+        assert!(resolved.phases.iter().all(|ph| ph.nodes.iter().all(|n| n
+            .ops
+            .iter()
+            .all(|op| !matches!(op, Op::File(f) if matches!(f.content, FileContent::Template { .. }))))));
+        assert_eq!(
+            resolve_provision(&planned(&fixtures::plain_lab()), &builtin()).expect("ok"),
+            None
+        );
+    }
+
+    #[test]
     fn undefined_values_are_errors_not_empty_strings() {
         let p = planned(&fixtures::ha_lab());
         let mut o = BTreeMap::new();
