@@ -19,7 +19,7 @@ fn generated_toml(nodes: usize) -> String {
     s.push_str(&format!(
         "[[nodes]]\nname = \"w\"\ncount = {}\nrole = \"worker\"\n\
          nics = [ {{ network = \"outside\" }}, {{ network = \"cluster\" }} ]\n\n\
-         [kubernetes]\nversion = \"1.32\"\ncluster-network = \"cluster\"\n",
+         [kubernetes]\nversion = \"1.36\"\ncluster-network = \"cluster\"\n",
         nodes - 1
     ));
     s

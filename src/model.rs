@@ -185,9 +185,32 @@ pub enum Cni {
     Calico,
 }
 
+/// Calico's IPv4 pool encapsulation (`[kubernetes] encapsulation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Encapsulation {
+    /// VXLAN between nodes (no BGP needed for reachability).
+    #[default]
+    Vxlan,
+    /// IP-in-IP.
+    Ipip,
+    /// Plain routing (BGP mesh on one L2 network).
+    None,
+}
+
+impl Encapsulation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vxlan => "vxlan",
+            Self::Ipip => "ipip",
+            Self::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kubernetes {
-    /// `major.minor` or `major.minor.patch`, e.g. `1.32` or `1.32.5`.
+    /// `major.minor` or `major.minor.patch`, e.g. `1.36` or `1.36.4`.
     pub version: String,
     pub cluster_network: String,
     pub pod_cidr: Ipv4Network,
@@ -196,6 +219,16 @@ pub struct Kubernetes {
     pub control_plane_vip: Option<Ipv4Addr>,
     /// Calico release to install (pinned).
     pub calico_version: String,
+    /// Calico IPv4 pool encapsulation.
+    pub encapsulation: Encapsulation,
+    /// Base URL of a pkgs.k8s.io mirror (replaces `https://pkgs.k8s.io/core:/stable:`).
+    pub package_repo: Option<String>,
+    /// URL of the repository signing key (default: the repository's `Release.key`).
+    pub package_key: Option<String>,
+    /// kubeadm `imageRepository` (a registry mirror of registry.k8s.io).
+    pub image_repository: Option<String>,
+    /// Local Calico manifest used instead of the catalog download (as written in the lab file).
+    pub calico_manifest: Option<PathBuf>,
 }
 
 /// Every wait klab does has a bound; defaults suit TCG guests.
@@ -231,5 +264,9 @@ pub mod defaults {
     pub const USER: &str = "klab";
     pub const POD_CIDR: &str = "10.244.0.0/16";
     pub const SERVICE_CIDR: &str = "10.96.0.0/12";
-    pub const CALICO_VERSION: &str = "3.29.3";
+    /// Kubernetes minor new labs get (`klab init`, examples).
+    pub const KUBERNETES_VERSION: &str = "1.36";
+    pub const CALICO_VERSION: &str = "3.32.1";
+    /// Where kubeadm, kubelet and kubectl come from; `/v1.NN/{deb,rpm}/` is appended.
+    pub const PACKAGE_REPO: &str = "https://pkgs.k8s.io/core:/stable:";
 }

@@ -113,10 +113,18 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
 }
 
 pub fn load_lab(file: &Path) -> Result<Lab, CmdError> {
-    config::load_file(file).map_err(|e| match e {
+    let checked = config::check_file(file).map_err(|e| match e {
         config::LoadError::Invalid(d) => CmdError::Invalid(d),
         other => CmdError::user(chain(&other), other.hint()),
-    })
+    })?;
+    // Warnings (an end-of-life Kubernetes minor) go to stderr; the lab is valid.
+    for w in &checked.warnings {
+        crate::output::stderr(&format!(
+            "warning: {w}
+"
+        ));
+    }
+    Ok(checked.lab)
 }
 
 /// `--connect` / `KLAB_CONNECT` > `[host] uri` > `qemu:///system`.

@@ -65,8 +65,7 @@ impl LoadError {
 /// Read and validate a lab file. Messages name the file as `path` is written. Only regular files
 /// of at most [`MAX_LAB_FILE_BYTES`] are read.
 pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
-    let bytes = read_bounded(path)?;
-    Ok(parse_bytes(&bytes, &path.display().to_string())?)
+    check_file(path).map(|c| c.lab)
 }
 
 /// The loader's I/O edge: one stat and one bounded read. A FIFO, device or directory is refused
@@ -117,8 +116,13 @@ fn read_bounded(path: &Path) -> Result<Vec<u8>, LoadError> {
 /// Parse and validate lab-file bytes: text that is not UTF-8 is one diagnostic at the first bad
 /// byte. Pure (no I/O).
 pub fn parse_bytes(bytes: &[u8], file: &str) -> Result<Lab, Diagnostics> {
+    check_bytes(bytes, file).map(|c| c.lab)
+}
+
+/// [`parse_bytes`] with the warnings. Pure (no I/O).
+pub fn check_bytes(bytes: &[u8], file: &str) -> Result<Checked, Diagnostics> {
     match std::str::from_utf8(bytes) {
-        Ok(src) => parse_str(src, file),
+        Ok(src) => check_str(src, file),
         Err(e) => {
             let good = &bytes[..e.valid_up_to()];
             // The prefix is valid UTF-8 by definition.
@@ -143,8 +147,27 @@ pub fn parse_bytes(bytes: &[u8], file: &str) -> Result<Lab, Diagnostics> {
     }
 }
 
+/// A valid lab and the warnings found while checking it (an end-of-life Kubernetes minor …).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub lab: Lab,
+    /// Shown to the user as `warning: <file>:<line>:<col>: …`; they do not make the lab invalid.
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// Like [`load_file`], keeping the warnings.
+pub fn check_file(path: &Path) -> Result<Checked, LoadError> {
+    let bytes = read_bounded(path)?;
+    Ok(check_bytes(&bytes, &path.display().to_string())?)
+}
+
 /// Parse and validate lab-file text. `file` is the name used in messages. Pure (no I/O).
 pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
+    check_str(src, file).map(|c| c.lab)
+}
+
+/// [`parse_str`] with the warnings. Pure (no I/O).
+pub fn check_str(src: &str, file: &str) -> Result<Checked, Diagnostics> {
     let mut ctx = validate::Ctx::new(src, file);
     let table = match toml::de::DeTable::parse(src) {
         Ok(t) => t,
@@ -206,7 +229,10 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
         }
     };
     match validate::validate(&cfg, &mut ctx) {
-        Some(lab) if ctx.diags.is_empty() => Ok(lab),
+        Some(lab) if ctx.diags.is_empty() => Ok(Checked {
+            lab,
+            warnings: ctx.warnings,
+        }),
         _ => Err(finish(ctx.diags)),
     }
 }
@@ -399,7 +425,7 @@ nics = [ { network = "net" } ]
         let k = lab.kubernetes.as_ref().unwrap();
         assert_eq!(
             (k.version.as_str(), k.service_cidr.to_string()),
-            ("1.32", "10.233.0.0/18".into())
+            ("1.36", "10.233.0.0/18".into())
         );
         // NIC 1 (the default route) is the NAT network.
         assert!(lab.nodes.iter().all(|n| n.nics[0].network == "outside"));
@@ -469,6 +495,87 @@ nics = [ { network = "net" } ]
         assert_eq!(
             lab.kubernetes.as_ref().unwrap().cluster_network,
             "kube-isolated"
+        );
+    }
+
+    /// A one-node Kubernetes lab with `extra` appended to its `[kubernetes]` section.
+    fn k8s_lab(version: &str, extra: &str) -> String {
+        format!(
+            "name = \"t\"\n[networks.c]\nmode = \"isolated\"\ncidr = \"10.1.0.0/24\"\n\
+             [[nodes]]\nname = \"cp\"\nrole = \"control-plane\"\nnics = [ {{ network = \"c\" }} ]\n\
+             [kubernetes]\nversion = \"{version}\"\ncluster-network = \"c\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn provisioner_keys_are_read_with_defaults() {
+        let c = check_str(&k8s_lab("1.36.4", ""), "t.toml").unwrap();
+        assert!(c.warnings.is_empty());
+        let k = c.lab.kubernetes.unwrap();
+        assert_eq!(k.version, "1.36.4");
+        assert_eq!(k.calico_version, "3.32.1");
+        assert_eq!(k.encapsulation, crate::model::Encapsulation::Vxlan);
+        assert_eq!(
+            (
+                k.package_repo,
+                k.package_key,
+                k.image_repository,
+                k.calico_manifest
+            ),
+            (None, None, None, None)
+        );
+
+        let extra = r#"package-repo = "http://10.1.0.1:8080/k8s/"
+package-key = "http://10.1.0.1:8080/k8s/Release.key"
+image-repository = "registry.lab:5000/k8s"
+encapsulation = "ipip"
+calico-version = "3.31.7"
+calico-manifest = "calico/calico.yaml"
+"#;
+        let k = parse_str(&k8s_lab("1.37", extra), "t.toml")
+            .unwrap()
+            .kubernetes
+            .unwrap();
+        assert_eq!(k.package_repo.as_deref(), Some("http://10.1.0.1:8080/k8s"));
+        assert_eq!(
+            k.package_key.as_deref(),
+            Some("http://10.1.0.1:8080/k8s/Release.key")
+        );
+        assert_eq!(k.image_repository.as_deref(), Some("registry.lab:5000/k8s"));
+        assert_eq!(k.encapsulation, crate::model::Encapsulation::Ipip);
+        assert_eq!(k.calico_version, "3.31.7");
+        assert_eq!(
+            k.calico_manifest,
+            Some(std::path::PathBuf::from("calico/calico.yaml"))
+        );
+        // With its own manifest a lab may name any Calico release.
+        let own = "calico-version = \"3.30.2\"\ncalico-manifest = \"/srv/calico.yaml\"\n";
+        assert!(parse_str(&k8s_lab("1.36", own), "t.toml").is_ok());
+    }
+
+    #[test]
+    fn end_of_life_and_newer_minors_are_warnings() {
+        let c = check_str(&k8s_lab("1.32", ""), "t.toml").unwrap();
+        let shown: Vec<String> = c.warnings.iter().map(|w| w.to_string()).collect();
+        assert_eq!(
+            shown,
+            [
+                "t.toml:10:11: [kubernetes] version 1.32 is past its end of life\n  \
+              hint: it still builds, but gets no fixes; supported minors are 1.35, 1.36 and 1.37, e.g. version = \"1.36\""
+            ]
+        );
+        assert_eq!(c.lab.kubernetes.unwrap().version, "1.32");
+        let c = check_str(&k8s_lab("1.38", ""), "t.toml").unwrap();
+        assert_eq!(
+            c.warnings[0].message,
+            "[kubernetes] version 1.38 is newer than klab has been checked against"
+        );
+        assert_eq!(c.warnings[0].field, "kubernetes.version");
+        let err = parse_str(&k8s_lab("1.30.2", ""), "t.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.toml:10:11: [kubernetes] version 1.30.2 is not supported\n  \
+             hint: klab configures kubeadm with its v1beta4 API, which needs 1.31 or newer; supported minors are 1.35, 1.36 and 1.37, e.g. version = \"1.36\""
         );
     }
 

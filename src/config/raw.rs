@@ -245,7 +245,7 @@ pub struct NicConfig {
 #[serde(rename_all = "kebab-case")]
 #[schemars(deny_unknown_fields)]
 pub struct KubernetesConfig {
-    /// `major.minor` or `major.minor.patch`, e.g. `"1.32"`.
+    /// `major.minor` or `major.minor.patch`, e.g. `"1.36"` or `"1.36.4"` (1.31 and newer).
     #[schemars(required)]
     pub version: Option<Field<String>>,
     /// Network that carries node IPs, the API server, etcd and Calico.
@@ -259,8 +259,26 @@ pub struct KubernetesConfig {
     pub cni: Option<Field<CniName>>,
     /// API server address shared by the control planes (required with more than one).
     pub control_plane_vip: Option<Field<String>>,
-    /// Calico release, e.g. `"3.29.3"`.
+    /// Calico release klab knows: `"3.32.1"` (default) or `"3.31.7"`.
     pub calico_version: Option<Field<String>>,
+    /// Calico pool encapsulation: `vxlan` (default), `ipip` or `none`.
+    pub encapsulation: Option<Field<EncapsulationName>>,
+    /// Local Calico manifest (`calico.yaml`) instead of the pinned download, for airgapped labs.
+    pub calico_manifest: Option<Field<String>>,
+    /// Mirror of `https://pkgs.k8s.io/core:/stable:` (klab appends `/v1.NN/deb/` or `/v1.NN/rpm/`).
+    pub package_repo: Option<Field<String>>,
+    /// URL of the mirror's signing key (default: the repository's own key file).
+    pub package_key: Option<Field<String>>,
+    /// kubeadm `imageRepository`: a registry mirror of registry.k8s.io, e.g. `"registry.lab:5000/k8s"`.
+    pub image_repository: Option<Field<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EncapsulationName {
+    Vxlan,
+    Ipip,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -14,16 +14,17 @@ use ipnetwork::Ipv4Network;
 
 use super::Diagnostic;
 use super::raw::{
-    AccelName, CniName, DurationConfig, FamilyName, Field, LabConfig, Lenient, ModeName,
-    NodeConfig, RoleName, Sp,
+    AccelName, CniName, DurationConfig, EncapsulationName, FamilyName, Field, LabConfig, Lenient,
+    ModeName, NodeConfig, RoleName, Sp,
 };
 use super::units::{self, UnitError};
 use crate::catalog;
 use crate::model::{
-    Accel, Cni, Host, Image, ImageSource, Kubernetes, Lab, Network, NetworkMode, Nic, Node,
-    OsFamily, Role, Timeouts, defaults,
+    Accel, Cni, Encapsulation, Host, Image, ImageSource, Kubernetes, Lab, Network, NetworkMode,
+    Nic, Node, OsFamily, Role, Timeouts, defaults,
 };
 use crate::plan::ipam;
+use crate::plan::versions::{self, K8sVersion, Support};
 
 type Span = Range<usize>;
 
@@ -32,8 +33,6 @@ const CP_MIN_CPUS: u32 = 2;
 const CP_MIN_MIB: u64 = 1700;
 const WORKER_MIN_CPUS: u32 = 1;
 const WORKER_MIN_MIB: u64 = 1024;
-/// Oldest minor with packages on pkgs.k8s.io.
-const K8S_MIN_MINOR: u32 = 24;
 const NETWORK_KEY_MAX: usize = 32;
 /// Longest wait a lab may ask for: keeps deadlines (`Instant + timeout`) far from overflow.
 const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
@@ -45,6 +44,8 @@ pub(super) struct Ctx<'a> {
     src: &'a str,
     line_starts: Vec<usize>,
     pub(super) diags: Vec<Diagnostic>,
+    /// Accepted but worth telling the user (an end-of-life Kubernetes minor).
+    pub(super) warnings: Vec<Diagnostic>,
     /// Field paths an unknown key was probably meant to be (`nmae` → `name`): a "missing" error
     /// for them would only repeat the typo.
     pub(super) suggested: BTreeSet<String>,
@@ -59,6 +60,7 @@ impl<'a> Ctx<'a> {
             src,
             line_starts,
             diags: Vec::new(),
+            warnings: Vec::new(),
             suggested: BTreeSet::new(),
         }
     }
@@ -85,6 +87,19 @@ impl<'a> Ctx<'a> {
     ) {
         let (line, col) = self.position(span.start);
         self.diags.push(Diagnostic {
+            file: self.file.to_string(),
+            line,
+            col,
+            field: field.to_string(),
+            message,
+            hint,
+        });
+    }
+
+    /// Record a warning: the value is accepted, the message is shown to the user.
+    fn warn(&mut self, span: &Span, field: &str, message: String, hint: Option<String>) {
+        let (line, col) = self.position(span.start);
+        self.warnings.push(Diagnostic {
             file: self.file.to_string(),
             line,
             col,
@@ -467,6 +482,16 @@ struct K8sDraft {
     cni: Option<Cni>,
     vip: Option<(Ipv4Addr, Span)>,
     calico: Option<String>,
+    extra: Option<K8sExtra>,
+}
+
+/// The provisioner's `[kubernetes]` keys (mirror, registry, Calico manifest and encapsulation).
+struct K8sExtra {
+    encapsulation: Encapsulation,
+    package_repo: Option<String>,
+    package_key: Option<String>,
+    image_repository: Option<String>,
+    calico_manifest: Option<PathBuf>,
 }
 
 /// Validate a deserialized lab file. Errors are left in `ctx.diags`; `None` when there are any.
@@ -1287,36 +1312,7 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
     let entry = cfg.kubernetes.as_ref()?;
     let c = &entry.value;
     let at = Place::Section("kubernetes");
-    let version = match version_field(ctx, &c.version, "version", "1.32") {
-        Some((v, span)) => {
-            let mut it = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-            let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
-            if major != 1 || minor < K8S_MIN_MINOR {
-                ctx.report(
-                    &span,
-                    "kubernetes.version",
-                    format!("[kubernetes] version {v} is not supported"),
-                    Some(format!(
-                        "klab installs from pkgs.k8s.io, which has 1.{K8S_MIN_MINOR} and newer"
-                    )),
-                );
-                None
-            } else {
-                Some(v)
-            }
-        }
-        None => {
-            if c.version.is_none() {
-                ctx.missing(
-                    &entry.span,
-                    "kubernetes.version",
-                    "[kubernetes] has no `version`".into(),
-                    Some("add e.g. `version = \"1.32\"`".into()),
-                );
-            }
-            None
-        }
-    };
+    let version = kubernetes_version(ctx, c, &entry.span);
     let mut cluster_ok = false;
     let cluster = match ctx.get(&c.cluster_network, &at, "cluster-network", "a network name") {
         Some((name, span)) => match network_index(nets, name) {
@@ -1471,17 +1467,8 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         },
         None => None,
     };
-    let calico = if c.calico_version.is_some() {
-        version_field(
-            ctx,
-            &c.calico_version,
-            "calico-version",
-            defaults::CALICO_VERSION,
-        )
-        .map(|(v, _)| v)
-    } else {
-        Some(defaults::CALICO_VERSION.to_string())
-    };
+    let extra = kubernetes_extra(ctx, c);
+    let calico = calico_version(ctx, c, extra.as_ref());
     Some(K8sDraft {
         span: entry.span.clone(),
         version,
@@ -1494,6 +1481,198 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         cni,
         vip,
         calico,
+        extra,
+    })
+}
+
+/// `version`: refused below 1.31 (no kubeadm v1beta4), a warning outside the supported minors.
+fn kubernetes_version(
+    ctx: &mut Ctx<'_>,
+    c: &super::raw::KubernetesConfig,
+    section: &Span,
+) -> Option<String> {
+    let example = defaults::KUBERNETES_VERSION;
+    let Some((v, span)) = version_field(ctx, &c.version, "version", example) else {
+        if c.version.is_none() {
+            ctx.missing(
+                section,
+                "kubernetes.version",
+                "[kubernetes] has no `version`".into(),
+                Some(format!("add e.g. `version = \"{example}\"`")),
+            );
+        }
+        return None;
+    };
+    let parsed = K8sVersion::parse(&v)?;
+    let supported = versions::supported_list();
+    match parsed.support() {
+        Support::Supported => {}
+        Support::EndOfLife => ctx.warn(
+            &span,
+            "kubernetes.version",
+            format!("[kubernetes] version {v} is past its end of life"),
+            Some(format!(
+                "it still builds, but gets no fixes; supported minors are {supported}, e.g. version = \"{example}\""
+            )),
+        ),
+        Support::Newer => ctx.warn(
+            &span,
+            "kubernetes.version",
+            format!("[kubernetes] version {v} is newer than klab has been checked against"),
+            Some(format!(
+                "supported minors are {supported}; from 1.38 on the kubelet needs containerd 2.x"
+            )),
+        ),
+        Support::TooOld => {
+            ctx.report(
+                &span,
+                "kubernetes.version",
+                format!("[kubernetes] version {v} is not supported"),
+                Some(format!(
+                    "klab configures kubeadm with its v1beta4 API, which needs 1.{} or newer; supported minors are {supported}, e.g. version = \"{example}\"",
+                    versions::MIN_MINOR
+                )),
+            );
+            return None;
+        }
+    }
+    Some(v)
+}
+
+/// `calico-version`: one of the releases klab pinned, unless the lab brings its own manifest.
+fn calico_version(
+    ctx: &mut Ctx<'_>,
+    c: &super::raw::KubernetesConfig,
+    extra: Option<&K8sExtra>,
+) -> Option<String> {
+    if c.calico_version.is_none() {
+        return Some(defaults::CALICO_VERSION.to_string());
+    }
+    let (v, span) = version_field(
+        ctx,
+        &c.calico_version,
+        "calico-version",
+        defaults::CALICO_VERSION,
+    )?;
+    let own_manifest = extra.is_some_and(|e| e.calico_manifest.is_some());
+    if !own_manifest && !versions::CALICO_RELEASES.contains(&v.as_str()) {
+        let known = versions::CALICO_RELEASES
+            .iter()
+            .map(|r| format!("\"{r}\""))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        ctx.report(
+            &span,
+            "kubernetes.calico-version",
+            format!("[kubernetes] calico-version {v} is not a release klab has pinned"),
+            Some(format!(
+                "use {known}, or set calico-manifest = \"PATH\" to a calico.yaml of that release"
+            )),
+        );
+        return None;
+    }
+    Some(v)
+}
+
+/// An `http://` or `https://` URL without spaces.
+fn http_url(
+    ctx: &mut Ctx<'_>,
+    f: &Option<Field<String>>,
+    key: &str,
+    hint: &str,
+) -> Option<Option<String>> {
+    if f.is_none() {
+        return Some(None);
+    }
+    let at = Place::Section("kubernetes");
+    let (u, span) = ctx.get(f, &at, key, "a URL string")?;
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"));
+    if rest.is_none_or(|r| r.is_empty() || r.starts_with('/'))
+        || u.chars().any(|ch| ch.is_whitespace() || ch.is_control())
+    {
+        ctx.report(
+            &span,
+            &at.field(key),
+            format!("[kubernetes] {key} `{u}` is not an http:// or https:// URL"),
+            Some(hint.to_string()),
+        );
+        return None;
+    }
+    Some(Some(u.trim_end_matches('/').to_string()))
+}
+
+/// The mirror, registry, encapsulation and manifest keys; `None` when any of them is wrong.
+fn kubernetes_extra(ctx: &mut Ctx<'_>, c: &super::raw::KubernetesConfig) -> Option<K8sExtra> {
+    let at = Place::Section("kubernetes");
+    let encapsulation = match ctx.choice(
+        &c.encapsulation,
+        &at,
+        "encapsulation",
+        &["vxlan", "ipip", "none"],
+    ) {
+        Some((EncapsulationName::Vxlan, _)) => Some(Encapsulation::Vxlan),
+        Some((EncapsulationName::Ipip, _)) => Some(Encapsulation::Ipip),
+        Some((EncapsulationName::None, _)) => Some(Encapsulation::None),
+        None if c.encapsulation.is_some() => None,
+        None => Some(Encapsulation::default()),
+    };
+    let package_repo = http_url(
+        ctx,
+        &c.package_repo,
+        "package-repo",
+        "a mirror laid out like https://pkgs.k8s.io/core:/stable: (klab appends /v1.NN/deb/ or /v1.NN/rpm/), e.g. \"http://10.10.1.1:8080/k8s\"",
+    );
+    let package_key = http_url(
+        ctx,
+        &c.package_key,
+        "package-key",
+        "the URL of the repository's ASCII-armored signing key, e.g. \"http://10.10.1.1:8080/k8s/Release.key\"",
+    );
+    let image_repository = match ctx.get(&c.image_repository, &at, "image-repository", "a string") {
+        None if c.image_repository.is_some() => None,
+        None => Some(None),
+        Some((r, span)) => {
+            let bad = r.is_empty()
+                || r.contains("://")
+                || r.ends_with('/')
+                || r.chars()
+                    .any(|ch| ch.is_whitespace() || ch.is_control() || ch == '"' || ch == '\'');
+            if bad {
+                ctx.report(
+                    &span,
+                    "kubernetes.image-repository",
+                    format!("[kubernetes] image-repository `{r}` is not a registry path"),
+                    Some("write the registry and path without a scheme or trailing `/`, e.g. \"registry.lab:5000/k8s\"".into()),
+                );
+                None
+            } else {
+                Some(Some(r.clone()))
+            }
+        }
+    };
+    let calico_manifest = match ctx.get(&c.calico_manifest, &at, "calico-manifest", "a path string")
+    {
+        None if c.calico_manifest.is_some() => None,
+        None => Some(None),
+        Some((p, span)) if p.trim().is_empty() => {
+            ctx.report(
+                &span,
+                "kubernetes.calico-manifest",
+                "[kubernetes] calico-manifest is empty".into(),
+                Some("name a calico.yaml on this host (relative paths start at the lab file's directory), or remove the key".into()),
+            );
+            None
+        }
+        Some((p, _)) => Some(Some(PathBuf::from(p))),
+    };
+    Some(K8sExtra {
+        encapsulation: encapsulation?,
+        package_repo: package_repo?,
+        package_key: package_key?,
+        image_repository: image_repository?,
+        calico_manifest: calico_manifest?,
     })
 }
 
@@ -2224,6 +2403,7 @@ fn finish_kubernetes(
             );
         }
     }
+    let extra = k.extra?;
     Some(Kubernetes {
         version: k.version?,
         cluster_network: nets.get(k.cluster?.0)?.name.clone(),
@@ -2232,6 +2412,11 @@ fn finish_kubernetes(
         cni: k.cni?,
         control_plane_vip: k.vip.map(|(v, _)| v),
         calico_version: k.calico?,
+        encapsulation: extra.encapsulation,
+        package_repo: extra.package_repo,
+        package_key: extra.package_key,
+        image_repository: extra.image_repository,
+        calico_manifest: extra.calico_manifest,
     })
     .filter(|_| k.cluster_ok)
 }

@@ -65,7 +65,7 @@ fn debian_url_image() -> Image {
 
 fn kubernetes(vip: Option<[u8; 4]>) -> Kubernetes {
     Kubernetes {
-        version: "1.32".into(),
+        version: "1.36".into(),
         cluster_network: "cluster".into(),
         pod_cidr: defaults::POD_CIDR
             .parse()
@@ -76,6 +76,11 @@ fn kubernetes(vip: Option<[u8; 4]>) -> Kubernetes {
         cni: Cni::Calico,
         control_plane_vip: vip.map(Ipv4Addr::from),
         calico_version: defaults::CALICO_VERSION.into(),
+        encapsulation: Default::default(),
+        package_repo: None,
+        package_key: None,
+        image_repository: None,
+        calico_manifest: None,
     }
 }
 

@@ -5,8 +5,11 @@ pub mod fixtures;
 pub mod ipam;
 pub mod mac;
 pub mod names;
+pub mod provision;
+pub mod secret;
 pub mod steps;
 pub mod types;
+pub mod versions;
 
 pub use types::*;
 
@@ -37,10 +40,18 @@ pub fn plan(lab: &Lab, inputs: &PlanInputs) -> LabPlan {
         .collect();
 
     let hosts = plan_hosts(lab, &nodes);
-    let kubernetes = lab.kubernetes.as_ref().map(|k| plan_kubernetes(k, &nodes));
+    let timeouts = provision::PhaseTimeouts {
+        command: lab.timeouts.command,
+        nodes_ready: lab.timeouts.nodes_ready,
+    };
+    let kubernetes = lab.kubernetes.as_ref().map(|k| {
+        let mut spec = plan_kubernetes(k, &nodes);
+        spec.provision = provision::provision_plan(&spec, &nodes, timeouts);
+        spec
+    });
     let steps = kubernetes
         .as_ref()
-        .map(steps::kubernetes_steps)
+        .map(|k| steps::summary(&k.provision))
         .unwrap_or_default();
 
     // The instance-id covers everything the node's seed is rendered from, so it is computed last.
@@ -273,8 +284,12 @@ fn plan_kubernetes(k: &crate::model::Kubernetes, nodes: &[NodeSpec]) -> Kubernet
     }
     add("127.0.0.1".to_string());
 
+    let patch_version = crate::plan::versions::K8sVersion::parse(&k.version)
+        .filter(|v| v.patch.is_some())
+        .map(|v| v.to_string());
     KubernetesSpec {
         version: k.version.clone(),
+        patch_version,
         minor: minor_of(&k.version),
         cluster_network: k.cluster_network.clone(),
         cluster_ifname: CLUSTER_IFNAME.to_string(),
@@ -287,7 +302,19 @@ fn plan_kubernetes(k: &crate::model::Kubernetes, nodes: &[NodeSpec]) -> Kubernet
         workers: workers.iter().map(|n| n.name.clone()).collect(),
         cert_sans: sans,
         calico_version: k.calico_version.clone(),
-        calico_autodetect: format!("interface={CLUSTER_IFNAME}"),
+        calico_autodetect: provision::CALICO_AUTODETECT.to_string(),
+        encapsulation: k.encapsulation,
+        package_repo: k
+            .package_repo
+            .clone()
+            .unwrap_or_else(|| crate::model::defaults::PACKAGE_REPO.to_string()),
+        package_key: k.package_key.clone(),
+        image_repository: k.image_repository.clone(),
+        calico_manifest: k
+            .calico_manifest
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        provision: Default::default(),
     }
 }
 
@@ -468,7 +495,9 @@ mod tests {
     fn kubernetes_spec_for_ha() {
         let (_, p) = ha();
         let k = p.kubernetes.as_ref().expect("kubernetes");
-        assert_eq!(k.minor, "v1.32");
+        assert_eq!(k.minor, "v1.36");
+        assert_eq!(k.patch_version, None);
+        assert_eq!(k.package_repo, "https://pkgs.k8s.io/core:/stable:");
         assert_eq!(k.control_plane_endpoint, "10.10.1.100:6443");
         assert_eq!(k.init_node, "cp1");
         assert_eq!(k.control_planes, ["cp1", "cp2", "cp3"]);
@@ -487,31 +516,65 @@ mod tests {
             ]
         );
         assert_eq!(k.cluster_ifname, "lab0");
-        assert_eq!(k.calico_autodetect, "interface=lab0");
+        assert_eq!(k.calico_autodetect, "kubernetes-internal-ip");
         assert_eq!(k.pod_cidr, "10.244.0.0/16");
         assert_eq!(
             ids(&p),
             [
+                "detect-os",
                 "preflight",
-                "containerd",
+                "package-repo",
+                "resolve-version",
                 "kubernetes-packages",
-                "kube-vip",
+                "containerd",
+                "vip",
                 "kubeadm-init",
+                "join-credentials",
                 "join-control-plane",
                 "join-workers",
                 "calico",
                 "wait-ready",
-                "kubeconfig"
+                "kubeconfig",
+                "verify"
             ]
         );
-        let join_cp = &p.steps[5];
+        let step = |id: &str| p.steps.iter().find(|s| s.id == id).expect(id);
+        let join_cp = step("join-control-plane");
         assert_eq!(
             (join_cp.nodes.as_slice(), join_cp.serial),
             (&["cp2".to_string(), "cp3".to_string()][..], true)
         );
-        assert!(!p.steps[0].serial);
-        assert_eq!(p.steps[0].nodes.len(), 5);
-        assert_eq!(p.steps[3].nodes, ["cp1", "cp2", "cp3"]);
+        assert!(!step("preflight").serial);
+        assert_eq!(step("preflight").nodes.len(), 5);
+        assert_eq!(step("vip").nodes, ["cp1", "cp2", "cp3"]);
+        assert_eq!(step("resolve-version").nodes, ["cp1"]);
+        let w = step("join-workers");
+        assert_eq!(
+            (w.nodes.as_slice(), w.serial),
+            (&["w1".to_string(), "w2".to_string()][..], false)
+        );
+    }
+
+    #[test]
+    fn plans_saved_before_the_provisioner_still_load() {
+        let (_, p) = ha();
+        let mut json = serde_json::to_value(&p).expect("json");
+        let k = json["kubernetes"].as_object_mut().expect("kubernetes");
+        for key in [
+            "patch_version",
+            "encapsulation",
+            "package_repo",
+            "package_key",
+            "image_repository",
+            "calico_manifest",
+            "provision",
+        ] {
+            k.remove(key);
+        }
+        let old: LabPlan = serde_json::from_value(json).expect("old plan loads");
+        let k = old.kubernetes.expect("kubernetes");
+        assert!(k.provision.phases.is_empty());
+        assert_eq!(k.package_repo, "");
     }
 
     #[test]
@@ -525,7 +588,7 @@ mod tests {
             k.cert_sans,
             [cp1.cluster_ip.to_string(), "cp1".into(), "127.0.0.1".into()]
         );
-        assert!(!ids(&p).contains(&"kube-vip"));
+        assert!(!ids(&p).contains(&"vip"));
         assert!(!ids(&p).contains(&"join-control-plane"));
         assert!(ids(&p).contains(&"join-workers"));
         assert_eq!(minor_of("1.31.4"), "v1.31");

@@ -94,7 +94,8 @@ pub struct LabPlan {
     /// `/etc/hosts` entries every node gets (cluster-network address of every node, VIP).
     pub hosts: Vec<HostEntry>,
     pub kubernetes: Option<KubernetesSpec>,
-    /// Provisioning steps in execution order (empty for a plain VM lab).
+    /// Provisioning steps in execution order (empty for a plain VM lab): a summary of
+    /// `kubernetes.provision`.
     pub steps: Vec<ProvisionStep>,
 }
 
@@ -227,6 +228,8 @@ pub struct HostEntry {
 pub struct KubernetesSpec {
     /// Full version when given, else `major.minor` (the newest patch of that minor is installed).
     pub version: String,
+    /// `1.36.4` when the lab pins a patch; else resolved once at run time.
+    pub patch_version: Option<String>,
     /// `v1.NN` for the package repository path.
     pub minor: String,
     pub cluster_network: String,
@@ -244,8 +247,23 @@ pub struct KubernetesSpec {
     /// API server certificate SANs beyond kubeadm's defaults.
     pub cert_sans: Vec<String>,
     pub calico_version: String,
-    /// `interface=<cluster_ifname>`: Calico's autodetection pinned to the isolated NIC.
+    /// `kubernetes-internal-ip`: calico-node takes the node's InternalIP, which the kubelet's
+    /// node-ip pins to the cluster network (`interface=`/`cidr=` could pick up the VIP).
     pub calico_autodetect: String,
+    // Defaults keep plans saved by older klab versions readable.
+    #[serde(default)]
+    pub encapsulation: crate::model::Encapsulation,
+    /// pkgs.k8s.io or the lab's mirror (without the `/v1.NN/deb/` tail).
+    #[serde(default)]
+    pub package_repo: String,
+    pub package_key: Option<String>,
+    /// kubeadm `imageRepository`, when the lab sets one.
+    pub image_repository: Option<String>,
+    /// The lab's own Calico manifest (as written in the lab file), else the pinned download.
+    pub calico_manifest: Option<String>,
+    /// The provisioning phases as data (files, commands, probes, inputs by name).
+    #[serde(default)]
+    pub provision: super::provision::ProvisionPlan,
 }
 
 /// One provisioning step, as data. The provisioner turns it into commands on nodes.

@@ -1,6 +1,8 @@
 //! Provisioning over SSH: the `Remote` seam, the russh implementation and the step runner.
 
+pub mod identity;
 pub mod recording;
+pub mod runner;
 pub mod ssh;
 
 use std::time::Duration;

@@ -13,7 +13,10 @@ use minijinja::value::Value;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 
 use crate::model::{Accel, NetworkMode};
-use crate::plan::{KeyMaterial, LabPlan, NetworkSpec, NodeSpec, OWNER_NS, OWNER_PREFIX};
+use crate::plan::provision::{self, FileContent, Op, ProvisionPlan, template, value as pv};
+use crate::plan::{
+    API_PORT, KeyMaterial, KubernetesSpec, LabPlan, NetworkSpec, NodeSpec, OWNER_NS, OWNER_PREFIX,
+};
 
 pub const NETWORK_NAT: &str = "network-nat.xml.j2";
 pub const NETWORK_BRIDGE: &str = "network-bridge.xml.j2";
@@ -53,6 +56,42 @@ pub const BUILTIN: &[(&str, &str)] = &[
     (
         NETWORK_CONFIG,
         include_str!("../../cloud-init/network-config.j2"),
+    ),
+    (
+        template::KUBEADM_INIT,
+        include_str!("../../kubeadm/kubeadm-init.yaml.j2"),
+    ),
+    (
+        template::KUBEADM_JOIN,
+        include_str!("../../kubeadm/kubeadm-join.yaml.j2"),
+    ),
+    (
+        template::CONTAINERD_1,
+        include_str!("../../containerd/containerd-1.toml.j2"),
+    ),
+    (
+        template::CONTAINERD_2,
+        include_str!("../../containerd/containerd-2.toml.j2"),
+    ),
+    (
+        template::CRICTL,
+        include_str!("../../containerd/crictl.yaml.j2"),
+    ),
+    (
+        template::CALICO_KUSTOMIZATION,
+        include_str!("../../calico/calico-kustomization.yaml.j2"),
+    ),
+    (
+        template::CALICO_NODE_PATCH,
+        include_str!("../../calico/calico-node-patch.yaml.j2"),
+    ),
+    (
+        template::KEEPALIVED,
+        include_str!("../../vip/keepalived.conf.j2"),
+    ),
+    (
+        template::CHECK_APISERVER,
+        include_str!("../../vip/check-apiserver.sh.j2"),
     ),
 ];
 
@@ -203,6 +242,21 @@ pub struct RenderedLab {
     /// (libvirt network name, network XML), in plan order.
     pub networks: Vec<(String, String)>,
     pub nodes: Vec<RenderedNode>,
+    /// Every provisioning file with text content (secrets stay `${klab:…}` markers).
+    pub provision: Vec<ProvisionFile>,
+}
+
+/// One file a provisioning phase writes on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProvisionFile {
+    pub node: String,
+    pub phase: String,
+    /// Path on the node.
+    pub path: String,
+    /// `Some("containerd-major=1")` when the file is one of several variants for one path.
+    pub variant: Option<String>,
+    pub mode: u32,
+    pub content: String,
 }
 
 impl RenderedLab {
@@ -232,6 +286,14 @@ impl RenderedLab {
                 n.seed.network_config.clone(),
             ));
         }
+        for f in &self.provision {
+            let mut rel = format!("nodes/{}/provision{}", f.node, f.path);
+            if let Some(v) = &f.variant {
+                rel.push('.');
+                rel.push_str(&v.replace('=', "-"));
+            }
+            out.push((rel, f.content.clone()));
+        }
         out
     }
 }
@@ -249,22 +311,154 @@ pub fn render_lab(
         .iter()
         .map(|n| Ok((n.name.clone(), render_network(plan, n, t)?)))
         .collect::<Result<Vec<_>, RenderError>>()?;
+    let kubernetes = slim_kubernetes(plan);
     let shared = Shared {
         hosts: value::to_value(&plan.hosts),
         etc_hosts: Value::from(etc_hosts(plan)),
         pool: value::to_value(&plan.pool),
-        kubernetes: value::to_value(&plan.kubernetes),
+        kubernetes: value::to_value(&kubernetes),
     };
     let nodes = plan
         .nodes
         .iter()
         .map(|n| render_node(plan, n, keys, &shared, t))
         .collect::<Result<Vec<_>, RenderError>>()?;
+    let provision = match resolve_with(plan, &shared.kubernetes, t)? {
+        Some(p) => provision_files(&p),
+        None => Vec::new(),
+    };
     Ok(RenderedLab {
         pool,
         networks,
         nodes,
+        provision,
     })
+}
+
+/// The Kubernetes spec without its phases: what templates see as `kubernetes`.
+fn slim_kubernetes(plan: &LabPlan) -> Option<KubernetesSpec> {
+    plan.kubernetes.as_ref().map(|k| KubernetesSpec {
+        provision: ProvisionPlan::default(),
+        ..k.clone()
+    })
+}
+
+/// The plan's provisioning phases with every template rendered into text: what the runner runs.
+/// `None` for a plain VM lab.
+pub fn resolve_provision(
+    plan: &LabPlan,
+    t: &Templates,
+) -> Result<Option<ProvisionPlan>, RenderError> {
+    let kubernetes = value::to_value(&slim_kubernetes(plan));
+    resolve_with(plan, &kubernetes, t)
+}
+
+fn resolve_with(
+    plan: &LabPlan,
+    kubernetes: &Value,
+    t: &Templates,
+) -> Result<Option<ProvisionPlan>, RenderError> {
+    let Some(k) = &plan.kubernetes else {
+        return Ok(None);
+    };
+    let mut out = k.provision.clone();
+    let version = k
+        .patch_version
+        .clone()
+        .unwrap_or_else(|| provision::marker(pv::KUBERNETES_VERSION));
+    let refs = minijinja::context! {
+        bootstrap_token => provision::marker(pv::BOOTSTRAP_TOKEN),
+        certificate_key => provision::marker(pv::CERTIFICATE_KEY),
+        ca_cert_hash => provision::marker(pv::CA_CERT_HASH),
+        sandbox_image => provision::marker(pv::SANDBOX_IMAGE),
+    };
+    let (ipip, vxlan) = provision::calico_pool_modes(k.encapsulation);
+    let cluster_prefix = plan
+        .network(&k.cluster_network)
+        .map(|n| n.prefix)
+        .unwrap_or(32);
+    for phase in &mut out.phases {
+        for np in &mut phase.nodes {
+            let has_template = np.ops.iter().any(
+                |op| matches!(op, Op::File(f) if matches!(f.content, FileContent::Template { .. })),
+            );
+            let Some(node) = plan.node(&np.node).filter(|_| has_template) else {
+                continue;
+            };
+            let object = format!("node `{}` ({})", node.name, phase.id.as_str());
+            let cp_index = k.control_planes.iter().position(|c| *c == node.name);
+            let peers: Vec<String> = k
+                .control_planes
+                .iter()
+                .filter(|c| **c != node.name)
+                .filter_map(|c| plan.node(c).map(|n| n.cluster_ip.to_string()))
+                .collect();
+            let ctx = minijinja::context! {
+                lab => &plan.lab,
+                node => value::to_value(node),
+                kubernetes => kubernetes.clone(),
+                k8s_version => &version,
+                refs => refs.clone(),
+                api_port => API_PORT,
+                cri_socket => provision::CRI_SOCKET,
+                control_plane => cp_index.is_some(),
+                // With no workers the control planes must take pods (v1beta4: `taints: []`).
+                schedulable_control_planes => k.workers.is_empty(),
+                pool_ipip => ipip,
+                pool_vxlan => vxlan,
+                cluster_prefix => cluster_prefix,
+                vrrp_router_id => provision::vrrp_router_id(&plan.lab),
+                vrrp_priority => 150 - cp_index.unwrap_or(0).min(100) as u32,
+                vrrp_peers => peers,
+            };
+            for op in &mut np.ops {
+                if let Op::File(f) = op
+                    && let FileContent::Template { template } = &f.content
+                {
+                    let text = t.render(template, &object, ctx.clone())?;
+                    f.content = FileContent::Text { text };
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Every file op with text content, per node; variants of one path are told apart.
+fn provision_files(p: &ProvisionPlan) -> Vec<ProvisionFile> {
+    let mut out = Vec::new();
+    for phase in &p.phases {
+        for np in &phase.nodes {
+            let files: Vec<&provision::FileOp> = np
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::File(f) => Some(f),
+                    Op::Run(_) => None,
+                })
+                .collect();
+            for f in &files {
+                let FileContent::Text { text } = &f.content else {
+                    continue;
+                };
+                let shared_path = files.iter().filter(|g| g.path == f.path).count() > 1;
+                let variant = f
+                    .when
+                    .as_ref()
+                    .filter(|_| shared_path)
+                    .map(|w| format!("{}={}", w.value, w.is.join(",")));
+                out.push(ProvisionFile {
+                    node: np.node.clone(),
+                    phase: phase.id.as_str().to_string(),
+                    path: f.path.clone(),
+                    variant,
+                    mode: f.mode,
+                    content: text.clone(),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Template values every node shares, converted once per lab rather than once per node.
@@ -407,7 +601,16 @@ mod tests {
         );
         assert_eq!(r.nodes.len(), 5);
         let files = r.files();
-        assert_eq!(files.len(), 1 + 3 + 5 * 5);
+        // Provisioning: per node modules, sysctls, apt source, dnf repo, Docker repo, containerd 1.x
+        // and 2.x, crictl (8 × 5); keepalived + check on 3 control planes; init.yaml; 4 join.yaml;
+        // 2 Calico files. The CA and the Calico manifest are run-time values, not rendered.
+        assert_eq!(files.len(), 1 + 3 + 5 * 5 + 8 * 5 + 2 * 3 + 1 + 4 + 2);
+        assert!(
+            files
+                .iter()
+                .any(|(p, _)| p
+                    == "nodes/cp1/provision/etc/containerd/config.toml.containerd-major-2")
+        );
         assert!(
             files
                 .iter()
@@ -538,6 +741,37 @@ mod tests {
         o.insert(DOMAIN.to_string(), "{% if %}".to_string());
         assert!(
             matches!(Templates::new(o), Err(RenderError::Parse { name, .. }) if name == DOMAIN)
+        );
+    }
+
+    #[test]
+    fn provisioning_templates_are_overridable() {
+        let p = planned(&fixtures::ha_lab());
+        let mut o = BTreeMap::new();
+        o.insert(
+            template::CRICTL.to_string(),
+            "runtime-endpoint: {{ cri_socket }}\ntimeout: 30\n".to_string(),
+        );
+        let r = render_lab(&p, None, &Templates::new(o).expect("parses")).expect("render");
+        let crictl = r
+            .files()
+            .into_iter()
+            .find(|(path, _)| path == "nodes/w2/provision/etc/crictl.yaml")
+            .expect("crictl.yaml");
+        assert_eq!(
+            crictl.1,
+            "runtime-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n"
+        );
+        let resolved = resolve_provision(&p, &builtin())
+            .expect("render")
+            .expect("kubernetes");
+        assert!(resolved.phases.iter().all(|ph| ph.nodes.iter().all(|n| n
+            .ops
+            .iter()
+            .all(|op| !matches!(op, Op::File(f) if matches!(f.content, FileContent::Template { .. }))))));
+        assert_eq!(
+            resolve_provision(&planned(&fixtures::plain_lab()), &builtin()).expect("ok"),
+            None
         );
     }
 

@@ -7,6 +7,7 @@ mod exec_fake;
 mod image;
 mod invalid;
 mod labs_plan;
+mod provision_plan;
 mod pty;
 mod purity;
 mod render_validate;

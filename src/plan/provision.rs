@@ -1,0 +1,1285 @@
+//! PURE: the Kubernetes provisioning phases as data — per phase and node, the files to write, the
+//! commands to run (timeout, accepted exit codes, captured values) and a cheap "already done" probe.
+//!
+//! Nothing here is secret or random: values only known at run time (the cluster CA, the bootstrap
+//! token, the certificate key, the resolved patch version, the sandbox image, the detected OS) are
+//! referenced by name as `${klab:NAME}` markers that the runner fills in just before a file or a
+//! command goes to the node. `klab plan -o json` therefore shows the markers, never the values.
+//!
+//! Every command runs as root (the runner wraps it in `sudo -n sh -c`). Phases run in order; within a
+//! phase, nodes run in parallel or strictly one at a time ([`Schedule`]).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::names;
+use super::types::{KubernetesSpec, NodeSpec};
+use crate::model::Encapsulation;
+
+/// Run-time value names (`${klab:NAME}`).
+pub mod value {
+    /// Cluster CA certificate (PEM), made by klab before `kubeadm init`. Public.
+    pub const CA_CERT: &str = "ca-cert";
+    /// Cluster CA private key (PEM). Secret.
+    pub const CA_KEY: &str = "ca-key";
+    /// `sha256:<hex>` of the CA's SubjectPublicKeyInfo: the joins' `caCertHashes`. Public.
+    pub const CA_CERT_HASH: &str = "ca-cert-hash";
+    /// `[a-z0-9]{6}.[a-z0-9]{16}`. Secret.
+    pub const BOOTSTRAP_TOKEN: &str = "bootstrap-token";
+    /// 32 random bytes, hex: encrypts the control-plane certificates kubeadm uploads. Secret.
+    pub const CERTIFICATE_KEY: &str = "certificate-key";
+    /// The Calico manifest (`calico.yaml`) the host fetched and checked, or the lab's own file.
+    pub const CALICO_MANIFEST: &str = "calico-manifest";
+    /// Exact Kubernetes patch (`1.36.4`): the lab's pin, or resolved once on the first control plane.
+    pub const KUBERNETES_VERSION: &str = "kubernetes-version";
+    /// Captured by `detect-os`: `debian-12`, `ubuntu-24.04`, `almalinux-9.6` …
+    pub const OS: &str = "os";
+    /// Captured by `detect-os`: `apt` or `dnf`.
+    pub const PKG: &str = "pkg";
+    /// Captured by `detect-os`: `/sys/class/dmi/id/product_uuid`.
+    pub const PRODUCT_UUID: &str = "product-uuid";
+    /// Captured by `detect-os`: every physical NIC's MAC, space separated.
+    pub const MACS: &str = "macs";
+    /// Captured by `containerd`: `1` or `2`.
+    pub const CONTAINERD_MAJOR: &str = "containerd-major";
+    /// Captured by `containerd`: the pause image kubeadm expects (`registry.k8s.io/pause:3.10.1`).
+    pub const SANDBOX_IMAGE: &str = "sandbox-image";
+    /// Captured by `kubeconfig`: `/etc/kubernetes/admin.conf` of the first control plane. Secret.
+    pub const ADMIN_KUBECONFIG: &str = "admin-kubeconfig";
+}
+
+/// `${klab:NAME}`: how files and commands refer to a run-time value.
+pub fn marker(name: &str) -> String {
+    format!("${{klab:{name}}}")
+}
+
+/// Names referenced by `${klab:…}` markers in `text`, in order of first appearance.
+pub fn refs(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("${klab:") {
+        let after = &rest[i + 7..];
+        match after.find('}') {
+            Some(end) => {
+                let name = &after[..end];
+                if !out.iter().any(|n| n == name) {
+                    out.push(name.to_string());
+                }
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+/// Where kubeadm, the kubelet and crictl talk to containerd.
+pub const CRI_SOCKET: &str = "unix:///run/containerd/containerd.sock";
+/// Where klab keeps what it uploads for kubeadm and Calico on a node.
+pub const KUBEADM_DIR: &str = "/etc/klab/kubeadm";
+pub const CALICO_DIR: &str = "/etc/klab/calico";
+pub const ADMIN_CONF: &str = "/etc/kubernetes/admin.conf";
+
+/// Template names (see `render`): files whose content comes from an overridable template.
+pub mod template {
+    pub const KUBEADM_INIT: &str = "kubeadm-init.yaml.j2";
+    pub const KUBEADM_JOIN: &str = "kubeadm-join.yaml.j2";
+    pub const CONTAINERD_1: &str = "containerd-1.toml.j2";
+    pub const CONTAINERD_2: &str = "containerd-2.toml.j2";
+    pub const CRICTL: &str = "crictl.yaml.j2";
+    pub const CALICO_KUSTOMIZATION: &str = "calico-kustomization.yaml.j2";
+    pub const CALICO_NODE_PATCH: &str = "calico-node-patch.yaml.j2";
+    pub const KEEPALIVED: &str = "keepalived.conf.j2";
+    pub const CHECK_APISERVER: &str = "check-apiserver.sh.j2";
+}
+
+/// Everything klab does to turn the lab's VMs into a cluster, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ProvisionPlan {
+    /// Values the caller hands in (from the state directory), by name.
+    pub inputs: Vec<InputSpec>,
+    pub phases: Vec<Phase>,
+}
+
+impl ProvisionPlan {
+    pub fn phase(&self, id: PhaseId) -> Option<&Phase> {
+        self.phases.iter().find(|p| p.id == id)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputSpec {
+    pub name: String,
+    /// Kept 0600 in the state directory and redacted everywhere else.
+    pub secret: bool,
+    pub about: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PhaseId {
+    DetectOs,
+    Preflight,
+    PackageRepo,
+    ResolveVersion,
+    KubernetesPackages,
+    Containerd,
+    Vip,
+    KubeadmInit,
+    JoinCredentials,
+    JoinControlPlane,
+    JoinWorkers,
+    Calico,
+    WaitReady,
+    Kubeconfig,
+    Verify,
+}
+
+impl PhaseId {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DetectOs => "detect-os",
+            Self::Preflight => "preflight",
+            Self::PackageRepo => "package-repo",
+            Self::ResolveVersion => "resolve-version",
+            Self::KubernetesPackages => "kubernetes-packages",
+            Self::Containerd => "containerd",
+            Self::Vip => "vip",
+            Self::KubeadmInit => "kubeadm-init",
+            Self::JoinCredentials => "join-credentials",
+            Self::JoinControlPlane => "join-control-plane",
+            Self::JoinWorkers => "join-workers",
+            Self::Calico => "calico",
+            Self::WaitReady => "wait-ready",
+            Self::Kubeconfig => "kubeconfig",
+            Self::Verify => "verify",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Every node at once (bounded by the runner's parallelism).
+    Parallel,
+    /// One node after the other, in order (control-plane joins: etcd admits one learner at a time).
+    Serial,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    pub id: PhaseId,
+    pub about: String,
+    pub schedule: Schedule,
+    pub nodes: Vec<NodePhase>,
+    /// Captured values whose words must differ between nodes (product_uuid, MACs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unique: Vec<String>,
+}
+
+impl Phase {
+    pub fn node(&self, name: &str) -> Option<&NodePhase> {
+        self.nodes.iter().find(|n| n.node == name)
+    }
+}
+
+/// One node's part of a phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePhase {
+    pub node: String,
+    /// "Already done?": when it holds, the runner skips `ops` on this node.
+    pub probe: Option<Probe>,
+    pub ops: Vec<Op>,
+}
+
+/// A cheap check that the phase's effect is in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Every file op of the phase (that applies) already has exactly its content on the node.
+    pub files_match: bool,
+    /// …and this command exits 0.
+    pub command: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Op {
+    File(FileOp),
+    Run(CommandOp),
+}
+
+impl Op {
+    pub fn when(&self) -> Option<&When> {
+        match self {
+            Op::File(f) => f.when.as_ref(),
+            Op::Run(c) => c.when.as_ref(),
+        }
+    }
+}
+
+/// Only when a captured value is one of `is` (e.g. `pkg` is `dnf`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct When {
+    pub value: String,
+    pub is: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileOp {
+    pub path: String,
+    pub content: FileContent,
+    /// Permission bits; written as an octal string (`"0644"`) in the plan.
+    #[serde(with = "octal_mode")]
+    pub mode: u32,
+    /// `user:group`.
+    pub owner: String,
+    pub when: Option<When>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum FileContent {
+    /// Literal text (may hold `${klab:…}` markers).
+    Text { text: String },
+    /// Rendered from a template by `render::resolve_provision` (then it is `Text`).
+    Template { template: String },
+    /// The whole content is a run-time value (the CA, the Calico manifest).
+    Value { value: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOp {
+    /// Short label for progress lines and errors.
+    pub name: String,
+    /// A POSIX shell script (run by `sh -c` as root).
+    pub run: String,
+    pub timeout_secs: u64,
+    /// Exit codes that count as success.
+    pub ok_exit: Vec<u32>,
+    /// Exit codes that count as success with a warning (the `hint` says why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warn_exit: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub captures: Vec<Capture>,
+    pub when: Option<When>,
+    /// What to do when it fails (or warns).
+    pub hint: Option<String>,
+    /// Read-only: a probe may run it to learn the values it captures (which config variant).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub query: bool,
+}
+
+/// A value taken from a command's stdout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capture {
+    pub value: String,
+    /// `Some(p)`: the rest of the first stdout line starting with `p`; `None`: all of stdout.
+    pub line_prefix: Option<String>,
+    pub secret: bool,
+    /// The value holds for the whole cluster (the resolved patch), not just this node.
+    #[serde(default)]
+    pub cluster: bool,
+}
+
+impl Capture {
+    /// Apply to a command's stdout; `None` when the line is missing or the value empty.
+    pub fn extract(&self, stdout: &str) -> Option<String> {
+        let v = match &self.line_prefix {
+            Some(p) => stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(p.as_str()))?
+                .trim()
+                .to_string(),
+            None => stdout.to_string(),
+        };
+        (!v.trim().is_empty()).then_some(v)
+    }
+}
+
+/// File modes as `"0644"` in JSON: the form people read and `chmod` takes.
+mod octal_mode {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(mode: &u32, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{mode:04o}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let text = String::deserialize(d)?;
+        u32::from_str_radix(&text, 8)
+            .map_err(|_| D::Error::custom(format!("file mode `{text}` is not octal")))
+    }
+}
+
+/// Timeouts the phases use, from the lab's `[timeouts]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTimeouts {
+    /// Installs, `kubeadm init`/`join`.
+    pub command: Duration,
+    /// Until every node is Ready.
+    pub nodes_ready: Duration,
+}
+
+/// Seconds a quick check may take.
+const QUICK: u64 = 60;
+
+/// Quotes one word for a POSIX shell (single quotes; embedded `'` becomes `'\''`).
+pub fn sh_quote(word: &str) -> String {
+    let safe = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&b));
+    if safe {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+fn when(value: &str, is: &str) -> Option<When> {
+    Some(When {
+        value: value.to_string(),
+        is: vec![is.to_string()],
+    })
+}
+
+fn file(path: &str, content: FileContent, mode: u32) -> FileOp {
+    FileOp {
+        path: path.to_string(),
+        content,
+        mode,
+        owner: "root:root".to_string(),
+        when: None,
+    }
+}
+
+fn text(t: &str) -> FileContent {
+    FileContent::Text {
+        text: t.to_string(),
+    }
+}
+
+fn tpl(name: &str) -> FileContent {
+    FileContent::Template {
+        template: name.to_string(),
+    }
+}
+
+fn cmd(name: &str, run: &str, timeout_secs: u64) -> CommandOp {
+    CommandOp {
+        name: name.to_string(),
+        run: run.trim().to_string(),
+        timeout_secs,
+        ok_exit: vec![0],
+        warn_exit: Vec::new(),
+        captures: Vec::new(),
+        when: None,
+        hint: None,
+        query: false,
+    }
+}
+
+impl CommandOp {
+    fn hint(mut self, h: &str) -> Self {
+        self.hint = Some(h.to_string());
+        self
+    }
+    fn when(mut self, w: Option<When>) -> Self {
+        self.when = w;
+        self
+    }
+    fn capture(mut self, value: &str, prefix: Option<&str>, secret: bool) -> Self {
+        self.captures.push(Capture {
+            value: value.to_string(),
+            line_prefix: prefix.map(str::to_string),
+            secret,
+            cluster: false,
+        });
+        self
+    }
+    fn query(mut self) -> Self {
+        self.query = true;
+        self
+    }
+    /// Like `capture`, for a value that holds for the whole cluster.
+    fn capture_cluster(mut self, value: &str, prefix: Option<&str>, secret: bool) -> Self {
+        self.captures.push(Capture {
+            value: value.to_string(),
+            line_prefix: prefix.map(str::to_string),
+            secret,
+            cluster: true,
+        });
+        self
+    }
+}
+
+impl FileOp {
+    fn when(mut self, w: Option<When>) -> Self {
+        self.when = w;
+        self
+    }
+}
+
+fn run(c: CommandOp) -> Op {
+    Op::Run(c)
+}
+
+fn put(f: FileOp) -> Op {
+    Op::File(f)
+}
+
+fn probe(files_match: bool, command: Option<&str>) -> Option<Probe> {
+    Some(Probe {
+        files_match,
+        command: command.map(|c| c.trim().to_string()),
+    })
+}
+
+/// Everything the phases are computed from (a view of the plan).
+struct Ctx<'a> {
+    k: &'a KubernetesSpec,
+    nodes: Vec<&'a NodeSpec>,
+    t: PhaseTimeouts,
+    /// `1.36.4` when pinned, else the `${klab:kubernetes-version}` marker.
+    version: String,
+}
+
+impl Ctx<'_> {
+    fn all(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+    fn kubectl(&self) -> String {
+        format!("kubectl --kubeconfig {ADMIN_CONF}")
+    }
+}
+
+/// The phases for a Kubernetes lab. `nodes` are the plan's nodes (roles decide who does what).
+pub fn provision_plan(k: &KubernetesSpec, nodes: &[NodeSpec], t: PhaseTimeouts) -> ProvisionPlan {
+    let members: Vec<&NodeSpec> = k
+        .control_planes
+        .iter()
+        .chain(k.workers.iter())
+        .filter_map(|name| nodes.iter().find(|n| &n.name == name))
+        .collect();
+    let version = k
+        .patch_version
+        .clone()
+        .unwrap_or_else(|| marker(value::KUBERNETES_VERSION));
+    let c = Ctx {
+        k,
+        nodes: members,
+        t,
+        version,
+    };
+    let mut phases = vec![detect_os(&c), preflight(&c), package_repo(&c)];
+    if k.patch_version.is_none() {
+        phases.push(resolve_version(&c));
+    }
+    phases.push(kubernetes_packages(&c));
+    phases.push(containerd(&c));
+    if k.control_plane_vip.is_some() {
+        phases.push(vip(&c));
+    }
+    phases.push(kubeadm_init(&c));
+    phases.push(join_credentials(&c));
+    phases.push(join_control_plane(&c));
+    phases.push(join_workers(&c));
+    phases.push(calico(&c));
+    phases.push(wait_ready(&c));
+    phases.push(kubeconfig(&c));
+    phases.push(verify(&c));
+    // A lab without workers (or with one control plane) has phases with no nodes: leave them out.
+    phases.retain(|p| !p.nodes.is_empty() && !k.init_node.is_empty());
+
+    let input = |name: &str, secret: bool, about: &str| InputSpec {
+        name: name.to_string(),
+        secret,
+        about: about.to_string(),
+    };
+    let mut inputs = vec![
+        input(
+            value::CA_CERT,
+            false,
+            "cluster CA certificate (ECDSA P-256, PEM)",
+        ),
+        input(value::CA_KEY, true, "cluster CA private key (PEM)"),
+        input(
+            value::CA_CERT_HASH,
+            false,
+            "sha256 of the CA's SubjectPublicKeyInfo, for joins",
+        ),
+        input(
+            value::BOOTSTRAP_TOKEN,
+            true,
+            "kubeadm bootstrap token for joins",
+        ),
+        input(
+            value::CERTIFICATE_KEY,
+            true,
+            "key for the control-plane certificates kubeadm uploads",
+        ),
+        input(
+            value::CALICO_MANIFEST,
+            false,
+            "calico.yaml, checked against its pinned sha256 (or the lab's calico-manifest)",
+        ),
+    ];
+    if k.patch_version.is_none() {
+        inputs.push(input(
+            value::KUBERNETES_VERSION,
+            false,
+            "exact patch, once resolved (resolve-version captures it on the first run)",
+        ));
+    }
+    ProvisionPlan { inputs, phases }
+}
+
+fn phase(id: PhaseId, about: &str, schedule: Schedule, nodes: Vec<NodePhase>) -> Phase {
+    Phase {
+        id,
+        about: about.to_string(),
+        schedule,
+        nodes,
+        unique: Vec::new(),
+    }
+}
+
+fn each(names: &[String], f: impl Fn(&str) -> NodePhase) -> Vec<NodePhase> {
+    names.iter().map(|n| f(n)).collect()
+}
+
+const DETECT_OS: &str = r#"
+. /etc/os-release
+case "$ID:$VERSION_ID" in
+  debian:12|debian:13|ubuntu:24.04) pkg=apt ;;
+  almalinux:9|almalinux:9.*|rocky:9|rocky:9.*|rhel:9|rhel:9.*) pkg=dnf ;;
+  *) echo "unsupported OS: ${PRETTY_NAME:-$ID $VERSION_ID}" >&2; exit 3 ;;
+esac
+echo "os=$ID-$VERSION_ID"
+echo "pkg=$pkg"
+echo "product-uuid=$(cat /sys/class/dmi/id/product_uuid)"
+# Physical NICs only: Calico's cali* veths carry ee:ee:ee:ee:ee:ee on every node.
+macs=$(for d in /sys/class/net/*; do [ -e "$d/device" ] && cat "$d/address"; done | LC_ALL=C sort | tr '\n' ' ')
+echo "macs=$macs"
+"#;
+
+fn detect_os(c: &Ctx<'_>) -> Phase {
+    let op = cmd("read /etc/os-release and the node's identity", DETECT_OS, QUICK)
+        .hint("klab provisions Debian 12/13, Ubuntu 24.04 and AlmaLinux 9: use one of those images (nothing was changed on the node)")
+        .capture(value::OS, Some("os="), false)
+        .capture(value::PKG, Some("pkg="), false)
+        .capture(value::PRODUCT_UUID, Some("product-uuid="), false)
+        .capture(value::MACS, Some("macs="), false);
+    let mut p = phase(
+        PhaseId::DetectOs,
+        "detect the OS family (apt or dnf) and the node's identity, before changing anything",
+        Schedule::Parallel,
+        each(&c.all(), |n| NodePhase {
+            node: n.to_string(),
+            probe: None,
+            ops: vec![run(op.clone())],
+        }),
+    );
+    p.unique = vec![value::PRODUCT_UUID.to_string(), value::MACS.to_string()];
+    p
+}
+
+const MODULES: &str = "overlay\nbr_netfilter\n";
+const SYSCTLS: &str = "net.ipv4.ip_forward = 1\nnet.bridge.bridge-nf-call-iptables = 1\nnet.bridge.bridge-nf-call-ip6tables = 1\n";
+pub const MODULES_FILE: &str = "/etc/modules-load.d/klab-kubernetes.conf";
+pub const SYSCTL_FILE: &str = "/etc/sysctl.d/90-klab-kubernetes.conf";
+
+const SWAP_OFF: &str = r#"
+swapoff -a
+# fstab: swap lines are commented out (marked, so they can be restored by hand)
+sed -i -E '/^[^#].*[[:space:]]swap[[:space:]]/s/^/#klab# /' /etc/fstab
+# swap units systemd made from fstab or the image, and zram
+for u in $(systemctl list-units --type=swap --all --plain --no-legend | awk '{print $1}'); do
+  systemctl mask "$u"
+done
+if [ -e /usr/lib/systemd/zram-generator.conf ] || [ -e /etc/systemd/zram-generator.conf ]; then
+  : > /etc/systemd/zram-generator.conf
+  systemctl mask --now systemd-zram-setup@zram0.service
+fi
+test -z "$(swapon --noheadings --show)"
+"#;
+
+const PREFLIGHT_PROBE: &str = r#"
+test -z "$(swapon --noheadings --show)" &&
+test -d /sys/module/overlay && test -d /sys/module/br_netfilter &&
+test "$(sysctl -n net.ipv4.ip_forward)" = 1 &&
+test "$(sysctl -n net.bridge.bridge-nf-call-iptables)" = 1 &&
+test "$(sysctl -n net.bridge.bridge-nf-call-ip6tables)" = 1 &&
+test "$(stat -fc %T /sys/fs/cgroup)" = cgroup2fs &&
+{ test "${klab:pkg}" != dnf || { test "$(getenforce 2>/dev/null)" != Enforcing && ! systemctl -q is-active firewalld; }; }
+"#;
+
+fn preflight(c: &Ctx<'_>) -> Phase {
+    let ops = vec![
+        put(file(MODULES_FILE, text(MODULES), 0o644)),
+        put(file(SYSCTL_FILE, text(SYSCTLS), 0o644)),
+        // br_netfilter must be loaded before the bridge sysctls exist.
+        run(cmd("load overlay and br_netfilter", "modprobe -a overlay br_netfilter", QUICK)),
+        run(cmd("apply sysctls", "sysctl --system >/dev/null", QUICK)),
+        run(cmd("swap off now and for good", SWAP_OFF, QUICK)
+            .hint("the kubelet refuses to run with swap: look at `swapon --show` and /etc/fstab on the node")),
+        run(cmd("cgroup v2", "test \"$(stat -fc %T /sys/fs/cgroup)\" = cgroup2fs", QUICK)
+            .hint("kubeadm 1.35 and newer refuse cgroup v1: use an image that boots with the unified hierarchy (systemd.unified_cgroup_hierarchy=1)")),
+        run(CommandOp {
+            warn_exit: vec![1],
+            ..cmd("clock synchronized", "timedatectl show -p NTPSynchronized --value | grep -qx yes", QUICK)
+                .hint("the node's clock is not NTP-synchronized; certificates are checked against it, so give it a reachable time server (systemd-timesyncd or chrony)")
+        }),
+        run(cmd(
+            "SELinux permissive, now and after reboot",
+            "if [ -f /etc/selinux/config ]; then\n  setenforce 0 2>/dev/null || true\n  sed -i -E 's/^SELINUX=enforcing$/SELINUX=permissive/' /etc/selinux/config\nfi",
+            QUICK,
+        )
+        .when(when(value::PKG, "dnf"))),
+        run(cmd(
+            "firewalld off",
+            "if systemctl list-unit-files firewalld.service | grep -q firewalld; then\n  systemctl disable --now firewalld\nfi",
+            QUICK,
+        )
+        .when(when(value::PKG, "dnf"))),
+    ];
+    phase(
+        PhaseId::Preflight,
+        "swap off, overlay and br_netfilter, sysctls, cgroup v2, clock; SELinux and firewalld on RHEL",
+        Schedule::Parallel,
+        each(&c.all(), |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(true, Some(PREFLIGHT_PROBE)),
+            ops: ops.clone(),
+        }),
+    )
+}
+
+pub const APT_SOURCE: &str = "/etc/apt/sources.list.d/klab-kubernetes.sources";
+pub const APT_KEYRING: &str = "/etc/apt/keyrings/klab-kubernetes.asc";
+pub const DNF_REPO: &str = "/etc/yum.repos.d/klab-kubernetes.repo";
+
+/// (deb repository, rpm repository, deb key, rpm key) for the lab's minor.
+fn repos(k: &KubernetesSpec) -> (String, String, String, String) {
+    let base = k.package_repo.trim_end_matches('/');
+    let deb = format!("{base}/{}/deb/", k.minor);
+    let rpm = format!("{base}/{}/rpm/", k.minor);
+    let deb_key = k
+        .package_key
+        .clone()
+        .unwrap_or_else(|| format!("{deb}Release.key"));
+    let rpm_key = k
+        .package_key
+        .clone()
+        .unwrap_or_else(|| format!("{rpm}repodata/repomd.xml.key"));
+    (deb, rpm, deb_key, rpm_key)
+}
+
+fn package_repo(c: &Ctx<'_>) -> Phase {
+    let (deb, rpm, deb_key, rpm_key) = repos(c.k);
+    let sources = format!(
+        "# klab: Kubernetes {} packages\nTypes: deb\nURIs: {deb}\nSuites: /\nSigned-By: {APT_KEYRING}\n",
+        c.k.minor
+    );
+    let dnf = format!(
+        "# klab: Kubernetes {minor} packages; excluded from updates so the cluster stays on one patch\n\
+         [kubernetes]\nname=Kubernetes {minor}\nbaseurl={rpm}\nenabled=1\ngpgcheck=1\ngpgkey={rpm_key}\n\
+         exclude=kubelet kubeadm kubectl cri-tools kubernetes-cni\n",
+        minor = c.k.minor
+    );
+    let fetch_key = format!(
+        "command -v curl >/dev/null || {{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y curl ca-certificates; }}\n\
+         install -d -m 0755 /etc/apt/keyrings\n\
+         curl -fsSL --retry 3 {} -o {APT_KEYRING}.new\n\
+         grep -q 'BEGIN PGP PUBLIC KEY BLOCK' {APT_KEYRING}.new\n\
+         chmod 0644 {APT_KEYRING}.new && mv {APT_KEYRING}.new {APT_KEYRING}",
+        sh_quote(&deb_key)
+    );
+    let long = c.t.command.as_secs();
+    let ops = vec![
+        run(cmd("fetch the repository key", &fetch_key, long)
+            .when(when(value::PKG, "apt"))
+            .hint("the node must reach the package repository (set [kubernetes] package-repo and package-key to a mirror for airgapped labs)")),
+        put(file(APT_SOURCE, text(&sources), 0o644).when(when(value::PKG, "apt"))),
+        run(cmd("apt-get update", "apt-get update", long)
+            .when(when(value::PKG, "apt"))
+            .hint("apt could not read the Kubernetes repository: check package-repo/package-key and the node's route to it")),
+        put(file(DNF_REPO, text(&dnf), 0o644).when(when(value::PKG, "dnf"))),
+        run(cmd("dnf makecache", "dnf -q makecache --repo kubernetes", long)
+            .when(when(value::PKG, "dnf"))
+            .hint("dnf could not read the Kubernetes repository: check package-repo/package-key and the node's route to it")),
+    ];
+    phase(
+        PhaseId::PackageRepo,
+        "pkgs.k8s.io (or the lab's mirror) for this minor: apt keyring + source, or a dnf repo with exclude",
+        Schedule::Parallel,
+        each(&c.all(), |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(
+                true,
+                Some(&format!(
+                    "test \"${{klab:pkg}}\" = dnf || test -s {APT_KEYRING}"
+                )),
+            ),
+            ops: ops.clone(),
+        }),
+    )
+}
+
+const RESOLVE_APT: &str = r#"
+v=$(apt-cache madison kubeadm | awk '{print $3}' | sed 's/-.*//' | sort -V | tail -n 1)
+test -n "$v" || { echo "the repository has no kubeadm package" >&2; exit 1; }
+echo "kubernetes-version=$v"
+"#;
+const RESOLVE_DNF: &str = r#"
+v=$(dnf -q list --showduplicates --disableexcludes=kubernetes kubeadm | awk '$1 ~ /^kubeadm/ {print $2}' | sed 's/-.*//' | sort -V | tail -n 1)
+test -n "$v" || { echo "the repository has no kubeadm package" >&2; exit 1; }
+echo "kubernetes-version=$v"
+"#;
+
+fn resolve_version(c: &Ctx<'_>) -> Phase {
+    let hint = "pin the patch in the lab file (e.g. version = \"1.36.4\") or check the repository";
+    let ops = vec![
+        run(cmd("newest patch of the minor (apt)", RESOLVE_APT, QUICK)
+            .when(when(value::PKG, "apt"))
+            .capture_cluster(
+                value::KUBERNETES_VERSION,
+                Some("kubernetes-version="),
+                false,
+            )
+            .hint(hint)),
+        run(cmd("newest patch of the minor (dnf)", RESOLVE_DNF, QUICK)
+            .when(when(value::PKG, "dnf"))
+            .capture_cluster(
+                value::KUBERNETES_VERSION,
+                Some("kubernetes-version="),
+                false,
+            )
+            .hint(hint)),
+    ];
+    phase(
+        PhaseId::ResolveVersion,
+        "resolve the newest patch once, on the first control plane; every node installs that one",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: None,
+            ops,
+        }],
+    )
+}
+
+fn kubernetes_packages(c: &Ctx<'_>) -> Phase {
+    let v = &c.version;
+    let long = c.t.command.as_secs();
+    let apt = format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y --allow-downgrades --allow-change-held-packages \
+         'kubelet={v}-*' 'kubeadm={v}-*' 'kubectl={v}-*'\napt-mark hold kubelet kubeadm kubectl >/dev/null"
+    );
+    let dnf =
+        format!("dnf install -y --disableexcludes=kubernetes kubelet-{v} kubeadm-{v} kubectl-{v}");
+    let check = format!(
+        "test \"$(kubeadm version -o short)\" = v{v} && kubelet --version | grep -qx 'Kubernetes v{v}' && kubectl version --client | grep -q 'v{v}$'"
+    );
+    let ops = vec![
+        run(cmd(&format!("install kubelet, kubeadm, kubectl {v} and hold them"), &apt, long)
+            .when(when(value::PKG, "apt"))
+            .hint("the repository may not have this patch: `apt-cache madison kubeadm` on the node lists what it has")),
+        run(cmd(&format!("install kubelet, kubeadm, kubectl {v}"), &dnf, long)
+            .when(when(value::PKG, "dnf"))
+            .hint("the repository may not have this patch: `dnf list --showduplicates --disableexcludes=kubernetes kubeadm` on the node lists what it has")),
+        run(cmd("enable the kubelet", "systemctl enable kubelet", QUICK)),
+        run(cmd("verify the installed versions", &check, QUICK)
+            .hint("another version is installed; remove it or pin the lab to that patch")),
+    ];
+    let held = "{ test \"${klab:pkg}\" = dnf || apt-mark showhold | grep -qx kubeadm; }";
+    phase(
+        PhaseId::KubernetesPackages,
+        "kubelet, kubeadm and kubectl at one exact patch for the whole cluster, held",
+        Schedule::Parallel,
+        each(&c.all(), |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(false, Some(&format!("{check} && {held}"))),
+            ops: ops.clone(),
+        }),
+    )
+}
+
+pub const CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
+pub const CRICTL_CONFIG: &str = "/etc/crictl.yaml";
+pub const DOCKER_REPO: &str = "/etc/yum.repos.d/docker-ce.repo";
+const DOCKER_REPO_TEXT: &str = "# klab: containerd.io for RHEL-family nodes (the distribution has none)\n\
+[docker-ce-stable]\nname=Docker CE Stable - $basearch\nbaseurl=https://download.docker.com/linux/rhel/$releasever/$basearch/stable\n\
+enabled=1\ngpgcheck=1\ngpgkey=https://download.docker.com/linux/rhel/gpg\n";
+
+const CONTAINERD_MAJOR: &str = r#"
+v=$(containerd --version | awk '{print $3}')
+v=${v#v}
+m=${v%%.*}
+case "$m" in
+  1|2) echo "containerd-major=$m" ;;
+  *) echo "containerd $v is neither 1.x nor 2.x" >&2; exit 1 ;;
+esac
+"#;
+
+const WAIT_CRI: &str = r#"
+for i in $(seq 1 30); do
+  crictl info >/dev/null 2>&1 && exit 0
+  sleep 1
+done
+crictl info >/dev/null
+"#;
+
+fn containerd(c: &Ctx<'_>) -> Phase {
+    let long = c.t.command.as_secs();
+    let repo_flag =
+        c.k.image_repository
+            .as_ref()
+            .map(|r| format!(" --image-repository {}", sh_quote(r)))
+            .unwrap_or_default();
+    let sandbox = format!(
+        "img=$(kubeadm config images list --kubernetes-version v{}{repo_flag} 2>/dev/null | grep '/pause:' | head -n 1)\n\
+         test -n \"$img\" || {{ echo \"kubeadm names no pause image\" >&2; exit 1; }}\necho \"sandbox-image=$img\"",
+        c.version
+    );
+    let ops = vec![
+        run(cmd(
+            "install containerd (distribution package)",
+            "command -v containerd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y containerd",
+            long,
+        )
+        .when(when(value::PKG, "apt"))),
+        put(file(DOCKER_REPO, text(DOCKER_REPO_TEXT), 0o644).when(when(value::PKG, "dnf"))),
+        run(cmd(
+            "install containerd.io (Docker's repository)",
+            "command -v containerd >/dev/null || dnf install -y containerd.io",
+            long,
+        )
+        .when(when(value::PKG, "dnf"))),
+        run(cmd("containerd major version", CONTAINERD_MAJOR, QUICK)
+            .capture(value::CONTAINERD_MAJOR, Some("containerd-major="), false)
+            .query()),
+        run(cmd("sandbox image kubeadm expects", &sandbox, QUICK)
+            .capture(value::SANDBOX_IMAGE, Some("sandbox-image="), false)
+            .query()),
+        // A whole minimal file per major version: `config default` + sed silently misses keys.
+        put(file(CONTAINERD_CONFIG, tpl(template::CONTAINERD_1), 0o644)
+            .when(when(value::CONTAINERD_MAJOR, "1"))),
+        put(file(CONTAINERD_CONFIG, tpl(template::CONTAINERD_2), 0o644)
+            .when(when(value::CONTAINERD_MAJOR, "2"))),
+        put(file(CRICTL_CONFIG, tpl(template::CRICTL), 0o644)),
+        run(cmd(
+            "restart containerd",
+            "systemctl enable containerd >/dev/null 2>&1; systemctl restart containerd",
+            QUICK,
+        )
+        .hint("containerd did not restart with klab's config: `journalctl -u containerd` on the node")),
+        run(cmd("crictl info", WAIT_CRI, QUICK)
+            .hint("the CRI socket does not answer: `journalctl -u containerd` on the node")),
+        run(cmd(
+            "systemd cgroup driver in effect",
+            "containerd config dump | grep -q 'SystemdCgroup = true'",
+            QUICK,
+        )
+        .hint("containerd does not use the systemd cgroup driver: compare /etc/containerd/config.toml with `containerd config dump`")),
+    ];
+    phase(
+        PhaseId::Containerd,
+        "containerd with the systemd cgroup driver, the sandbox image and CNI in /opt/cni/bin; crictl",
+        Schedule::Parallel,
+        each(&c.all(), |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(
+                true,
+                Some(
+                    "crictl info >/dev/null 2>&1 && containerd config dump | grep -q 'SystemdCgroup = true'",
+                ),
+            ),
+            ops: ops.clone(),
+        }),
+    )
+}
+
+pub const KEEPALIVED_CONF: &str = "/etc/keepalived/keepalived.conf";
+pub const CHECK_APISERVER: &str = "/etc/keepalived/check-apiserver.sh";
+
+/// VRRP router id for the lab: stable, 1–255.
+pub fn vrrp_router_id(lab: &str) -> u8 {
+    let h = names::sha256_hex(lab.as_bytes());
+    let b = u8::from_str_radix(&h[..2], 16).unwrap_or(0);
+    b.max(1)
+}
+
+fn vip(c: &Ctx<'_>) -> Phase {
+    let long = c.t.command.as_secs();
+    let ops = vec![
+        run(cmd(
+            "install keepalived",
+            "command -v keepalived >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y keepalived curl",
+            long,
+        )
+        .when(when(value::PKG, "apt"))),
+        run(cmd(
+            "install keepalived",
+            "command -v keepalived >/dev/null || dnf install -y keepalived curl",
+            long,
+        )
+        .when(when(value::PKG, "dnf"))),
+        put(file(CHECK_APISERVER, tpl(template::CHECK_APISERVER), 0o755)),
+        put(file(KEEPALIVED_CONF, tpl(template::KEEPALIVED), 0o644)),
+        run(cmd(
+            "restart keepalived",
+            "systemctl enable keepalived >/dev/null 2>&1; systemctl restart keepalived",
+            QUICK,
+        )
+        .hint("`journalctl -u keepalived` on the node")),
+    ];
+    phase(
+        PhaseId::Vip,
+        "keepalived holds the API VIP on the cluster network (highest priority: the first control plane)",
+        Schedule::Parallel,
+        each(&c.k.control_planes, |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(true, Some("systemctl -q is-active keepalived")),
+            ops: ops.clone(),
+        }),
+    )
+}
+
+pub const INIT_CONFIG: &str = "/etc/klab/kubeadm/init.yaml";
+pub const JOIN_CONFIG: &str = "/etc/klab/kubeadm/join.yaml";
+
+fn kubeadm_init(c: &Ctx<'_>) -> Phase {
+    let long = c.t.command.as_secs();
+    let ops = vec![
+        // klab's own CA: the discovery hash is known before the cluster exists.
+        put(file("/etc/kubernetes/pki/ca.crt", FileContent::Value { value: value::CA_CERT.into() }, 0o644)),
+        put(file("/etc/kubernetes/pki/ca.key", FileContent::Value { value: value::CA_KEY.into() }, 0o600)),
+        put(file(INIT_CONFIG, tpl(template::KUBEADM_INIT), 0o600)),
+        run(cmd("kubeadm init", &format!("kubeadm init --config {INIT_CONFIG} --upload-certs"), long)
+            .hint("read the output above and `journalctl -u kubelet` on the node; `kubeadm reset -f` there before `klab up` tries again")),
+    ];
+    phase(
+        PhaseId::KubeadmInit,
+        "kubeadm init on the first control plane, with klab's CA and --upload-certs",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: probe(
+                false,
+                Some(&format!(
+                    "test -f {ADMIN_CONF} && test -f /etc/kubernetes/manifests/kube-apiserver.yaml"
+                )),
+            ),
+            ops,
+        }],
+    )
+}
+
+fn join_credentials(c: &Ctx<'_>) -> Phase {
+    let token = marker(value::BOOTSTRAP_TOKEN);
+    let mut ops = vec![run(cmd(
+        "bootstrap token valid",
+        &format!(
+            "t={token}\nkubeadm token list -o jsonpath='{{.token}}{{\"\\n\"}}' | grep -qx \"$t\" || kubeadm token create \"$t\" --ttl 24h >/dev/null"
+        ),
+        QUICK,
+    )
+    .hint("the bootstrap token could not be (re)created: `kubeadm token list` on the first control plane"))];
+    if c.k.control_planes.len() > 1 {
+        // The uploaded certificates live 2 h: refresh them right before control planes join.
+        ops.push(run(cmd(
+            "re-upload the control-plane certificates",
+            &format!(
+                "kubeadm init phase upload-certs --upload-certs --config {INIT_CONFIG} >/dev/null"
+            ),
+            QUICK,
+        )));
+    }
+    phase(
+        PhaseId::JoinCredentials,
+        "refresh the bootstrap token and the uploaded certificates before nodes join",
+        Schedule::Serial,
+        if c.k.control_planes.len() > 1 || !c.k.workers.is_empty() {
+            vec![NodePhase {
+                node: c.k.init_node.clone(),
+                probe: None,
+                ops,
+            }]
+        } else {
+            Vec::new()
+        },
+    )
+}
+
+fn join_control_plane(c: &Ctx<'_>) -> Phase {
+    let long = c.t.command.as_secs();
+    let others: Vec<String> =
+        c.k.control_planes
+            .iter()
+            .filter(|n| **n != c.k.init_node)
+            .cloned()
+            .collect();
+    let nodes = others
+        .iter()
+        .map(|name| {
+            let ip = c
+                .nodes
+                .iter()
+                .find(|n| &n.name == name)
+                .map(|n| n.cluster_ip.to_string())
+                .unwrap_or_default();
+            let healthy = format!(
+                "for i in $(seq 1 150); do\n  \
+                 {kc} --server https://{ip}:{port} get --raw='/readyz?verbose' 2>/dev/null | grep -q '^\\[+\\]etcd ok' && exit 0\n  \
+                 sleep 2\ndone\necho \"the API server on {ip} is not ready (etcd member not healthy)\" >&2\nexit 1",
+                kc = c.kubectl(),
+                port = super::API_PORT
+            );
+            NodePhase {
+                node: name.clone(),
+                probe: probe(
+                    false,
+                    Some("test -f /etc/kubernetes/kubelet.conf && test -f /etc/kubernetes/manifests/kube-apiserver.yaml"),
+                ),
+                ops: vec![
+                    put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
+                    run(cmd("kubeadm join (control plane)", &format!("kubeadm join --config {JOIN_CONFIG}"), long)
+                        .hint("`kubeadm reset -f` on the node, then `klab up` again; etcd admits one new member at a time")),
+                    run(cmd("its API server and etcd member are healthy", &healthy, 330)
+                        .hint("`crictl ps -a` and `crictl logs` of etcd and kube-apiserver on the node")),
+                ],
+            }
+        })
+        .collect();
+    phase(
+        PhaseId::JoinControlPlane,
+        "join the other control planes strictly one at a time, each healthy before the next",
+        Schedule::Serial,
+        nodes,
+    )
+}
+
+fn join_workers(c: &Ctx<'_>) -> Phase {
+    let long = c.t.command.as_secs();
+    phase(
+        PhaseId::JoinWorkers,
+        "join the workers (in parallel)",
+        Schedule::Parallel,
+        each(&c.k.workers, |n| NodePhase {
+            node: n.to_string(),
+            probe: probe(false, Some("test -f /etc/kubernetes/kubelet.conf")),
+            ops: vec![
+                put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
+                run(cmd(
+                    "kubeadm join",
+                    &format!("kubeadm join --config {JOIN_CONFIG}"),
+                    long,
+                )
+                .hint("`kubeadm reset -f` on the node, then `klab up` again")),
+            ],
+        }),
+    )
+}
+
+/// `IP_AUTODETECTION_METHOD` klab gives calico-node: right because the kubelet's node-ip is pinned.
+pub const CALICO_AUTODETECT: &str = "kubernetes-internal-ip";
+
+/// (`CALICO_IPV4POOL_IPIP`, `CALICO_IPV4POOL_VXLAN`) for an encapsulation.
+pub fn calico_pool_modes(e: Encapsulation) -> (&'static str, &'static str) {
+    match e {
+        Encapsulation::Vxlan => ("Never", "Always"),
+        Encapsulation::Ipip => ("Always", "Never"),
+        Encapsulation::None => ("Never", "Never"),
+    }
+}
+
+fn calico(c: &Ctx<'_>) -> Phase {
+    let kc = c.kubectl();
+    let apply = format!("{kc} apply --server-side --force-conflicts -k {CALICO_DIR} >/dev/null");
+    let probe_cmd = format!(
+        "{kc} -n kube-system get daemonset calico-node -o jsonpath='{{.spec.template.spec.containers[?(@.name==\"calico-node\")].env[?(@.name==\"IP_AUTODETECTION_METHOD\")].value}}' | grep -qx {CALICO_AUTODETECT}"
+    );
+    phase(
+        PhaseId::Calico,
+        "Calico from the pinned manifest: pool = pod-cidr, the lab's encapsulation, node address = InternalIP",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: probe(true, Some(&probe_cmd)),
+            ops: vec![
+                put(file(&format!("{CALICO_DIR}/calico.yaml"), FileContent::Value { value: value::CALICO_MANIFEST.into() }, 0o644)),
+                put(file(&format!("{CALICO_DIR}/kustomization.yaml"), tpl(template::CALICO_KUSTOMIZATION), 0o644)),
+                put(file(&format!("{CALICO_DIR}/calico-node-env.yaml"), tpl(template::CALICO_NODE_PATCH), 0o644)),
+                run(cmd("kubectl apply -k (Calico, patched)", &apply, c.t.command.as_secs())
+                    .hint("check the manifest (calico-manifest) and `kubectl -n kube-system get pods` on the first control plane")),
+            ],
+        }],
+    )
+}
+
+fn wait_ready(c: &Ctx<'_>) -> Phase {
+    let kc = c.kubectl();
+    let secs = c.t.nodes_ready.as_secs().max(1);
+    let n = c.nodes.len();
+    let registered = format!(
+        "for i in $(seq 1 {tries}); do\n  test \"$({kc} get nodes --no-headers 2>/dev/null | wc -l)\" -ge {n} && exit 0\n  sleep 5\ndone\n\
+         echo \"only $({kc} get nodes --no-headers 2>/dev/null | wc -l) of {n} nodes registered\" >&2\nexit 1",
+        tries = secs.div_ceil(5)
+    );
+    phase(
+        PhaseId::WaitReady,
+        "wait until every node is registered and Ready and CoreDNS is available ([timeouts] nodes-ready)",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: None,
+            ops: vec![
+                run(cmd(&format!("{n} nodes registered"), &registered, secs + 30)
+                    .hint("a node did not register: `journalctl -u kubelet` on it")),
+                run(cmd("every node Ready", &format!("{kc} wait --for=condition=Ready node --all --timeout={secs}s >/dev/null"), secs + 30)
+                    .hint("`kubectl describe node` shows why; usually the CNI (calico-node pods) is not up yet")),
+                run(cmd("CoreDNS available", &format!("{kc} -n kube-system rollout status deployment/coredns --timeout={secs}s >/dev/null"), secs + 30)
+                    .hint("`kubectl -n kube-system get pods -l k8s-app=kube-dns -o wide`")),
+            ],
+        }],
+    )
+}
+
+fn kubeconfig(c: &Ctx<'_>) -> Phase {
+    phase(
+        PhaseId::Kubeconfig,
+        "hand the admin kubeconfig over to the host (kept 0600 in the state directory)",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: None,
+            ops: vec![run(cmd(
+                "read admin.conf",
+                &format!("cat {ADMIN_CONF}"),
+                QUICK,
+            )
+            .capture_cluster(value::ADMIN_KUBECONFIG, None, true))],
+        }],
+    )
+}
+
+fn verify(c: &Ctx<'_>) -> Phase {
+    let kc = c.kubectl();
+    // C-locale order, as `LC_ALL=C sort` prints it.
+    let mut by_name: BTreeMap<&str, &NodeSpec> = BTreeMap::new();
+    for n in &c.nodes {
+        by_name.insert(n.name.as_str(), n);
+    }
+    let prefix = c
+        .nodes
+        .first()
+        .and_then(|n| n.nics.iter().find(|x| x.ip == n.cluster_ip))
+        .map(|x| x.prefix)
+        .unwrap_or(32);
+    let ips: Vec<String> = by_name
+        .values()
+        .map(|n| format!("{}={}", n.name, n.cluster_ip))
+        .collect();
+    let calico: Vec<String> = by_name
+        .values()
+        .map(|n| format!("{}={}/{prefix}", n.name, n.cluster_ip))
+        .collect();
+    let compare = |what: &str, jsonpath: &str, want: &[String]| {
+        format!(
+            "got=$({kc} get nodes -o jsonpath='{jsonpath}' | LC_ALL=C sort)\n\
+             want='{}'\n\
+             test \"$got\" = \"$want\" && exit 0\n\
+             printf '%s differ from the cluster network.\\nwant:\\n%s\\ngot:\\n%s\\n' '{what}' \"$want\" \"$got\" >&2\nexit 1",
+            want.join("\n")
+        )
+    };
+    let internal = compare(
+        "node InternalIPs",
+        "{range .items[*]}{.metadata.name}={.status.addresses[?(@.type==\"InternalIP\")].address}{\"\\n\"}{end}",
+        &ips,
+    );
+    let detected = compare(
+        "calico-node addresses",
+        "{range .items[*]}{.metadata.name}={.metadata.annotations.projectcalico\\.org/IPv4Address}{\"\\n\"}{end}",
+        &calico,
+    );
+    phase(
+        PhaseId::Verify,
+        "verify the pinning: every InternalIP and every calico-node address is the node's cluster address",
+        Schedule::Serial,
+        vec![NodePhase {
+            node: c.k.init_node.clone(),
+            probe: None,
+            ops: vec![
+                run(cmd("node InternalIPs on the cluster network", &internal, QUICK)
+                    .hint("a kubelet ignored its node-ip: /var/lib/kubelet/kubeadm-flags.env on that node")),
+                run(cmd("calico-node addresses on the cluster network", &detected, QUICK)
+                    .hint("calico-node picked another address: IP_AUTODETECTION_METHOD of the calico-node DaemonSet")),
+            ],
+        }],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_round_trip_through_refs() {
+        assert_eq!(marker("bootstrap-token"), "${klab:bootstrap-token}");
+        assert_eq!(
+            refs("a ${klab:x} b ${klab:y-z} ${klab:x} ${HOME} ${klab:unterminated"),
+            ["x", "y-z"]
+        );
+        assert!(refs("no markers, $VERSION_ID").is_empty());
+    }
+
+    #[test]
+    fn captures_take_a_prefixed_line_or_all_of_stdout() {
+        let c = Capture {
+            value: "pkg".into(),
+            line_prefix: Some("pkg=".into()),
+            secret: false,
+            cluster: false,
+        };
+        assert_eq!(c.extract("os=debian-12\npkg=apt\n").as_deref(), Some("apt"));
+        assert_eq!(c.extract("os=debian-12\n"), None);
+        assert_eq!(c.extract("pkg=\n"), None);
+        let all = Capture {
+            value: "admin".into(),
+            line_prefix: None,
+            secret: true,
+            cluster: true,
+        };
+        assert_eq!(all.extract("a: 1\nb: 2\n").as_deref(), Some("a: 1\nb: 2\n"));
+    }
+
+    #[test]
+    fn file_modes_are_octal_strings() {
+        let f = FileOp {
+            path: "/etc/x".into(),
+            content: FileContent::Text { text: "x".into() },
+            mode: 0o600,
+            owner: "root:root".into(),
+            when: None,
+        };
+        let json = serde_json::to_string(&f).unwrap();
+        assert_eq!(
+            json,
+            r#"{"path":"/etc/x","content":{"kind":"text","text":"x"},"mode":"0600","owner":"root:root","when":null}"#
+        );
+        assert_eq!(serde_json::from_str::<FileOp>(&json).unwrap(), f);
+        assert!(serde_json::from_str::<FileOp>(&json.replace("0600", "rw")).is_err());
+    }
+
+    #[test]
+    fn pool_modes_per_encapsulation() {
+        assert_eq!(calico_pool_modes(Encapsulation::Vxlan), ("Never", "Always"));
+        assert_eq!(calico_pool_modes(Encapsulation::Ipip), ("Always", "Never"));
+        assert_eq!(calico_pool_modes(Encapsulation::None), ("Never", "Never"));
+        assert_eq!(PhaseId::JoinControlPlane.as_str(), "join-control-plane");
+    }
+}
