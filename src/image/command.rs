@@ -121,13 +121,18 @@ fn kill_tree(pid: u32) {
         if pids.is_empty() {
             return;
         }
-        let _ = Command::new("kill")
+        // std can signal only its own children; `kill` (procps) reaches the grandchildren.
+        let killed = Command::new("kill")
             .arg("-KILL")
             .arg("--")
             .args(pids.iter().map(u32::to_string))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
+        if let Err(e) = killed {
+            tracing::warn!("cannot run `kill` for processes {pids:?} (install procps): {e}");
+            return;
+        }
     }
 }
 
