@@ -307,30 +307,44 @@ impl LibvirtBackend {
         result
     }
 
-    /// A pool directory made by an older klab is 0755, so anyone may list the lab's volumes. The pool
-    /// XML now asks for 0711 (QEMU, as the qemu user, only needs to traverse it), but libvirt applies
-    /// that only when it builds the directory; on a local connection klab tightens an existing one.
+    /// A pool made by an older klab has a 0755 directory and 0644 volumes, so any local user can
+    /// read the seeds (host private keys) and the guests' disks. The XML now asks for 0711 and 0600,
+    /// but libvirt applies that only when it creates the directory or a volume; on a local
+    /// connection klab tightens what is already there.
     fn tighten_pool_dir(&self, pool: &StoragePool, name: &str) {
         use std::os::unix::fs::PermissionsExt;
         if !is_local_uri(&self.uri) {
             return;
         }
-        let Some(path) = pool
+        let Some(dir) = pool
             .xml_desc(0)
             .ok()
             .and_then(|d| xml::pool_target_path(&d))
         else {
             return;
         };
-        let Ok(md) = std::fs::metadata(&path) else {
-            return;
-        };
-        if md.is_dir() && md.permissions().mode() & 0o066 != 0 {
-            match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o711)) {
-                Ok(()) => info!(pool = name, path, "pool directory made 0711"),
+        let dir = std::path::PathBuf::from(dir);
+        let tighten = |path: &std::path::Path, mode: u32| {
+            let Ok(md) = std::fs::symlink_metadata(path) else {
+                return;
+            };
+            if md.permissions().mode() & 0o066 == 0 {
+                return;
+            }
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                Ok(()) => info!(pool = name, path = %path.display(), "made {mode:04o}"),
                 Err(e) => {
-                    warn!(pool = name, path, error = %e, "cannot make the pool directory 0711")
+                    warn!(pool = name, path = %path.display(), error = %e, "cannot make {mode:04o}")
                 }
+            }
+        };
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return;
+        }
+        tighten(&dir, 0o711);
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                tighten(&entry.path(), xml::PRIVATE_VOLUME_MODE);
             }
         }
     }

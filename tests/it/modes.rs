@@ -109,3 +109,54 @@ fn assert_private_modes_rejects_world_readable_seeds() {
     );
     assert!(msg.contains("is 0755, want 0711 or 0700"), "{msg}");
 }
+
+/// A pool made by an older klab (0755 directory, 0644 volumes): a seed uploaded again is recreated
+/// owner-only, and the next `up`'s `ensure_pool` tightens the directory and the other volumes.
+#[test]
+#[ignore = "needs libvirtd with qemu:///system (root)"]
+fn an_older_world_readable_pool_is_tightened_on_qemu_system() {
+    use klab::backend::Backend;
+    use klab::backend::libvirt::LibvirtBackend;
+
+    let lab = format!("secmodes{}", std::process::id() % 100_000);
+    let pool = format!("klab-{lab}");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("pools").join(&lab);
+    let b = LibvirtBackend::connect("qemu:///system").expect("qemu:///system");
+    let pool_xml = |mode: &str| {
+        format!(
+            "<pool type='dir'><name>{pool}</name><target><path>{}</path>\
+             <permissions><mode>{mode}</mode></permissions></target></pool>",
+            dir.display()
+        )
+    };
+    b.ensure_pool(&pool, &pool_xml("0755"), &lab).unwrap();
+    let old_seed = "<volume><name>n1-seed.img</name><capacity unit='bytes'>4096</capacity>\
+                    <target><format type='raw'/><permissions><mode>0644</mode></permissions>\
+                    </target></volume>";
+    b.create_volume(&pool, old_seed).unwrap();
+    let old_overlay = "<volume><name>n1.qcow2</name><capacity unit='bytes'>1048576</capacity>\
+                       <target><format type='qcow2'/><permissions><mode>0644</mode></permissions>\
+                       </target></volume>";
+    b.create_volume(&pool, old_overlay).unwrap();
+    assert_eq!(mode(&dir), 0o755);
+    assert_eq!(mode(&dir.join("n1-seed.img")), 0o644);
+
+    let result = std::panic::catch_unwind(|| {
+        // A world-readable seed is not refilled in place but recreated owner-only.
+        b.upload_volume(&pool, "n1-seed.img", &[7u8; 4096]).unwrap();
+        assert_eq!(mode(&dir.join("n1-seed.img")), 0o600);
+        assert_eq!(fs::read(dir.join("n1-seed.img")).unwrap(), vec![7u8; 4096]);
+        // The next up's ensure_pool tightens the directory and the other volumes.
+        b.ensure_pool(&pool, &pool_xml("0711"), &lab).unwrap();
+        assert_eq!(mode(&dir), 0o711);
+        assert_eq!(mode(&dir.join("n1.qcow2")), 0o600);
+    });
+    for v in ["n1-seed.img", "n1.qcow2"] {
+        let _ = b.remove_volume(&pool, v);
+    }
+    b.remove_pool(&pool).unwrap();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
