@@ -511,9 +511,9 @@ impl ImageCache {
         self.fetch(&spec.key, &source, progress)
     }
 
-    /// What the cache holds for `key`, judged against `source`. A file whose size and mtime are the
-    /// ones recorded right after its on-disk hash was verified is trusted without hashing it again;
-    /// any other file is hashed when the expected digest is known.
+    /// What the cache holds for `key`, judged against `source`. A file is reused only after its bytes
+    /// on disk hash to the recorded digest (about a second per GiB); a file without a matching record
+    /// is hashed when the lab gives the expected digest.
     fn cached(&self, key: &str, source: &Source) -> Result<Cached, ImageError> {
         let path = self.base_path(key);
         if !path.is_file() {
@@ -546,13 +546,21 @@ impl ImageCache {
                     )),
                 },
             };
-            return Ok(match verdict {
-                None => {
-                    tracing::debug!("image `{key}`: using cached {}", path.display());
-                    Cached::Usable(path)
-                }
-                Some(why) => Cached::Stale(why),
-            });
+            if let Some(why) = verdict {
+                return Ok(Cached::Stale(why));
+            }
+            // The right file by its record; make sure the bytes on disk still are what was verified.
+            let kind = ChecksumKind::from_name(&meta.checksum_kind).unwrap_or(ChecksumKind::Sha256);
+            let actual = hash_file(key, &path, kind)?;
+            if actual != meta.checksum {
+                return Ok(Cached::Stale(format!(
+                    "its {} is {actual}, not the {} recorded when it was verified",
+                    kind.as_str(),
+                    meta.checksum
+                )));
+            }
+            tracing::debug!("image `{key}`: using cached {} (verified)", path.display());
+            return Ok(Cached::Usable(path));
         }
         // A file placed by hand (or changed since it was verified) with a known digest: hash it.
         if let Source::Digest { url, kind, hex } = source {
