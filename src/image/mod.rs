@@ -169,8 +169,8 @@ pub enum Origin {
     Built,
 }
 
-/// `<key>.json` next to `<key>.qcow2`: what the file is and how it was verified. Size and mtime let
-/// later runs trust the file without hashing it again.
+/// `<key>.json` next to `<key>.qcow2`: what the file is and how it was verified. Size and mtime tell
+/// whether the record still describes the file; reuse also hashes it against `checksum`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageMeta {
     pub key: String,
@@ -708,7 +708,7 @@ fn download_meta(
     })
 }
 
-/// Hashes a whole file (used once per file; later runs trust size + mtime).
+/// Hashes a whole file as it is on disk.
 pub fn hash_file(key: &str, path: &Path, kind: ChecksumKind) -> Result<String, ImageError> {
     let read_err = |source| ImageError::Read {
         key: key.to_string(),
