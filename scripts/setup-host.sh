@@ -40,6 +40,12 @@ apt-get install -y -qq -o Dpkg::Options::=--force-confold \
   cloud-init iproute2 openssh-client bc >/dev/null
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 
+# libvirt writes every network's `<bridge>.macs` file into /var/lib/libvirt/dnsmasq when a domain
+# starts on it, but creates that directory only when it starts a dnsmasq. klab's networks start none,
+# and without systemd nothing starts libvirt's `default` network, so on a fresh host the directory is
+# missing and every domain fails to start (`Failed to create file '…/dnsmasq/kl-….macs.new'`).
+install -d -m 0755 /var/lib/libvirt/dnsmasq
+
 # No systemd as PID 1 in containers/CI: start the daemons ourselves.
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
   log "starting libvirtd"

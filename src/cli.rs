@@ -110,7 +110,8 @@ pub enum Command {
         /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
         #[arg(long, short = 'l')]
         lab: Option<String>,
-        /// Command to run instead of an interactive shell.
+        /// Command to run instead of an interactive shell. As with `ssh`, the words are joined
+        /// with spaces and run by the remote shell: `klab ssh cp1 -- 'echo $(hostname)'`.
         #[arg(last = true)]
         command: Vec<String>,
     },

@@ -2,6 +2,8 @@
 //! (0 ok, 1 something the user can fix, 2 klab failed).
 
 use clap::Parser;
+use klab::config::escape_keep_lines;
+use klab::output::stderr;
 
 fn main() {
     let cli = klab::cli::Cli::parse();
@@ -12,7 +14,7 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            stderr(&format!("error: cannot start the async runtime: {e}\n"));
             std::process::exit(2);
         }
     };
@@ -21,12 +23,16 @@ fn main() {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     if let Err(e) = result {
         match &e {
-            klab::commands::CmdError::Invalid(d) => eprintln!("{d}"),
+            // Diagnostics escape what they quote themselves.
+            klab::commands::CmdError::Invalid(d) => stderr(&format!("{d}\n")),
             other => {
-                eprintln!("error: {other}");
+                // Messages quote user values (paths, node names, libvirt's text): no control
+                // character reaches the terminal raw; the message's own line breaks stay.
+                let mut s = format!("error: {}\n", escape_keep_lines(&other.to_string()));
                 if let Some(h) = other.hint() {
-                    eprintln!("  hint: {h}");
+                    s.push_str(&format!("  hint: {}\n", escape_keep_lines(h)));
                 }
+                stderr(&s);
             }
         }
         std::process::exit(e.exit_code());
@@ -42,9 +48,12 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // Log lines go above the progress bars; a failed write to stderr is dropped, never
+    // reported with a panicking `eprintln!`.
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(klab::output::log_writer)
         .with_target(false)
+        .log_internal_errors(false)
         .init();
 }

@@ -41,8 +41,6 @@ pub struct Host {
     /// libvirt connection URI; `None` = caller's default (`--connect`, `KLAB_CONNECT`, `qemu:///system`).
     pub uri: Option<String>,
     pub accel: Accel,
-    /// Use this existing storage pool instead of creating one per lab.
-    pub pool: Option<String>,
 }
 
 /// Accelerator choice: `auto` asks the hypervisor; `qemu` is TCG and works everywhere.

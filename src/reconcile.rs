@@ -156,22 +156,16 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
         .filter(|v| v.pool == d.pool.name)
         .map(|v| v.name.as_str())
         .collect();
-    match (d.pool.owned, pool_obs) {
-        (true, None) => pre.push(Action::CreatePool {
+    match pool_obs {
+        None => pre.push(Action::CreatePool {
             pool: d.pool.name.clone(),
         }),
-        (true, Some(p)) if p.owner.as_deref() != Some(lab) => refusals.push(Refusal {
+        Some(p) if p.owner.as_deref() != Some(lab) => refusals.push(Refusal {
             object: format!("storage pool `{}`", p.name),
             message: format!("exists but was not created by klab for lab `{lab}`"),
-            hint: "remove or rename that pool, or name an existing pool with `[host] pool = \"…\"`"
-                .into(),
+            hint: "remove or rename that pool, or give the lab another name".into(),
         }),
-        (false, None) => refusals.push(Refusal {
-            object: format!("storage pool `{}`", d.pool.name),
-            message: "is set in [host] pool but does not exist".into(),
-            hint: "create it first (virsh pool-define-as …) or remove `pool` from [host] so klab makes its own".into(),
-        }),
-        _ => {}
+        Some(_) => {}
     }
 
     // Networks.

@@ -23,7 +23,8 @@ pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), Cm
         ..
     } = super::find_lab(g, &state).await?;
     let known = KnownObjects {
-        pool: saved.as_ref().map(|s| (s.pool.name.clone(), s.pool.owned)),
+        // Every lab's pool is its own (`[host] pool` is gone).
+        pool: saved.as_ref().map(|s| (s.pool.name.clone(), true)),
         volumes: saved
             .iter()
             .flat_map(|s| &s.nodes)

@@ -115,10 +115,7 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
 pub fn load_lab(file: &Path) -> Result<Lab, CmdError> {
     config::load_file(file).map_err(|e| match e {
         config::LoadError::Invalid(d) => CmdError::Invalid(d),
-        other => CmdError::user(
-            chain(&other),
-            "pass the lab file as an argument (default: ./lab.toml); examples are in labs/",
-        ),
+        other => CmdError::user(chain(&other), other.hint()),
     })
 }
 
@@ -247,7 +244,7 @@ pub fn check_lab_name(name: String) -> Result<String, CmdError> {
         Ok(name)
     } else {
         Err(CmdError::user(
-            format!("`{name}` is not a lab name"),
+            format!("`{}` is not a lab name", crate::config::escape(&name)),
             format!(
                 "lab names are lowercase letters, digits and `-`, at most {} characters; `klab list` shows the labs on this host",
                 crate::config::units::LAB_NAME_MAX

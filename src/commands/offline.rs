@@ -45,7 +45,10 @@ pub fn init(
     }
     let Some((_, text)) = EXAMPLES.iter().find(|(n, _)| *n == example) else {
         return Err(CmdError::user(
-            format!("no embedded example named `{example}`"),
+            format!(
+                "no embedded example named `{}`",
+                crate::config::escape(example)
+            ),
             format!(
                 "examples: {}",
                 EXAMPLES
@@ -110,16 +113,7 @@ pub fn plan(p: &Printer, g: &GlobalArgs, file: &Path) -> Result<(), CmdError> {
         plan.uri,
         plan.accel.as_str()
     ));
-    p.line(format!(
-        "  pool    {} {}{}",
-        plan.pool.name,
-        plan.pool.path,
-        if plan.pool.owned {
-            ""
-        } else {
-            " (existing, not owned)"
-        }
-    ));
+    p.line(format!("  pool    {} {}", plan.pool.name, plan.pool.path));
     for n in &plan.networks {
         p.line(format!(
             "  network {:<28} {:<8} {}/{} bridge {}{}",
@@ -208,14 +202,14 @@ pub fn render(
     for (rel, content) in rendered.files() {
         let path = out.join(&rel);
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| {
+            create_dirs(parent, from_state).map_err(|e| {
                 CmdError::user(
                     format!("cannot create {}: {e}", parent.display()),
                     "choose a writable --out directory",
                 )
             })?;
         }
-        std::fs::write(&path, content).map_err(|e| {
+        write_file(&path, content.as_bytes(), from_state).map_err(|e| {
             CmdError::user(
                 format!("cannot write {}: {e}", path.display()),
                 "choose a writable --out directory",
@@ -240,6 +234,34 @@ pub fn render(
         ));
     }
     Ok(())
+}
+
+/// Directories for rendered files; owner-only when they will hold this host's keys.
+fn create_dirs(dir: &Path, private: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    if private {
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+/// One rendered file. With real keys (`--from-state`) every file is 0600: the seeds hold the nodes'
+/// SSH host private keys, and a file left from an earlier run gets the mode too.
+fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut o = std::fs::OpenOptions::new();
+    o.write(true).create(true).truncate(true);
+    if private {
+        o.mode(0o600);
+    }
+    let mut f = o.open(path)?;
+    if private {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    f.write_all(content)
 }
 
 pub fn schema(p: &Printer) -> Result<(), CmdError> {

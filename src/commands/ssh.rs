@@ -8,8 +8,8 @@ use super::{CmdError, chain, resolve_lab_name};
 use crate::cli::GlobalArgs;
 use crate::output::Printer;
 use crate::plan::LabPlan;
+use crate::provision::Remote;
 use crate::provision::ssh::{SshTarget, connect};
-use crate::provision::{Remote, shell_quote};
 use crate::state::StateDir;
 
 /// An OpenSSH client config block per node, pinned to the lab's known_hosts file.
@@ -52,7 +52,7 @@ pub async fn ssh(
 ) -> Result<(), CmdError> {
     let (lab, node) = match node.split_once('/') {
         Some((l, n)) => (super::check_lab_name(l.to_string())?, n.to_string()),
-        None => (resolve_lab_name(lab, None)?, node.to_string()),
+        None => (lab_of_node(lab, node)?, node.to_string()),
     };
     let state = StateDir::new(&crate::paths::state_root(), &lab);
     let saved = state.load_plan()?.ok_or_else(|| {
@@ -63,7 +63,7 @@ pub async fn ssh(
     })?;
     let n = saved.nodes.iter().find(|n| n.name == node).ok_or_else(|| {
         CmdError::user(
-            format!("lab `{lab}` has no node `{node}`"),
+            format!("lab `{lab}` has no node `{}`", crate::config::escape(&node)),
             format!(
                 "nodes are: {}",
                 saved
@@ -99,22 +99,79 @@ pub async fn ssh(
     let session = connect(&target, Duration::from_secs(15))
         .await
         .map_err(|e| CmdError::user(chain(&e), format!("is the lab up? `klab status {lab}`")))?;
-    let cmd = command
-        .iter()
-        .map(|a| shell_quote(a))
-        .collect::<Vec<_>>()
-        .join(" ");
+    let cmd = remote_command(&command);
     let out = session
         .exec(&cmd, None, Duration::from_secs(24 * 3600))
         .await
         .map_err(|e| CmdError::user(chain(&e), "the command did not complete"))?;
     crate::output::stdout(&out.stdout);
-    eprint!("{}", out.stderr);
+    crate::output::stderr(&out.stderr);
     session.close().await;
     if out.exit_status != 0 {
         std::process::exit(out.exit_status.min(255) as i32);
     }
     Ok(())
+}
+
+/// Which lab `klab ssh NODE` means: `--lab`, else ./lab.toml's, else the only lab on this host.
+/// With several labs it asks rather than guesses, naming the labs that have such a node.
+fn lab_of_node(lab: Option<String>, node: &str) -> Result<String, CmdError> {
+    if lab.is_some() || Path::new("lab.toml").exists() {
+        return resolve_lab_name(lab, None);
+    }
+    let root = crate::paths::state_root();
+    let labs = crate::state::list_labs(&root)?;
+    if labs.len() < 2 {
+        return resolve_lab_name(None, None);
+    }
+    let shown = crate::config::escape(node);
+    let having: Vec<&String> = labs
+        .iter()
+        .filter(|l| {
+            StateDir::new(&root, l)
+                .load_plan()
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.node(node).is_some())
+        })
+        .collect();
+    match having.as_slice() {
+        [] => Err(CmdError::user(
+            format!(
+                "no lab on this host has a node `{shown}` (labs: {})",
+                labs.join(", ")
+            ),
+            "`klab status LAB` lists a lab's nodes",
+        )),
+        [one] => Err(CmdError::user(
+            format!(
+                "{} labs on this host; which one do you mean? `{one}` has a node `{shown}`",
+                labs.len()
+            ),
+            format!(
+                "name the lab: `klab ssh {one}/{shown} -- …` or `klab ssh --lab {one} {shown}`"
+            ),
+        )),
+        many => Err(CmdError::user(
+            format!(
+                "several labs on this host have a node `{shown}`: {}",
+                many.iter()
+                    .map(|l| l.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            format!(
+                "name the lab: `klab ssh {}/{shown} -- …` or `klab ssh --lab {} {shown}`",
+                many[0], many[0]
+            ),
+        )),
+    }
+}
+
+/// The command line the remote shell runs: the words joined with spaces, as OpenSSH does, so
+/// `klab ssh cp1 -- 'echo $(date)'` and `klab ssh cp1 -- ls '*.log'` mean what they mean with `ssh`.
+pub fn remote_command(words: &[String]) -> String {
+    words.join(" ")
 }
 
 fn exec_openssh(cfg: &Path, node: &str) -> String {
@@ -125,4 +182,23 @@ fn exec_openssh(cfg: &Path, node: &str) -> String {
         .arg(node)
         .exec();
     err.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_remote_command_is_the_words_joined_like_openssh() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(remote_command(&words(&["echo $(date)"])), "echo $(date)");
+        assert_eq!(
+            remote_command(&words(&["ls", "-l", "/tmp/*.log"])),
+            "ls -l /tmp/*.log"
+        );
+        assert_eq!(
+            remote_command(&words(&["sh", "-c", "'echo a; echo b'"])),
+            "sh -c 'echo a; echo b'"
+        );
+    }
 }

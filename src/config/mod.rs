@@ -13,32 +13,134 @@ mod validate;
 
 use std::path::{Path, PathBuf};
 
-pub use diagnostic::{Diagnostic, Diagnostics};
+pub use diagnostic::{Diagnostic, Diagnostics, escape, escape_keep_lines};
 
 use crate::model::Lab;
+
+/// The largest lab file klab reads. Real labs are a few KiB; the bound keeps `/dev/zero` or a
+/// runaway generator from filling memory or hanging `validate`.
+pub const MAX_LAB_FILE_BYTES: u64 = 1024 * 1024;
 
 /// Reading a lab file from disk failed, or its content is not a valid lab.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read lab file {}", path.display())]
+    #[error("cannot read lab file {}", escape(&path.display().to_string()))]
     Io {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// A directory, FIFO, socket or device: reading it could block or never end.
+    #[error("lab file {} is not a regular file (it is {kind})", escape(&path.display().to_string()))]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "lab file {} is larger than {} KiB; klab reads at most that much",
+        escape(&path.display().to_string()),
+        MAX_LAB_FILE_BYTES / 1024
+    )]
+    TooLarge { path: PathBuf },
     /// Displays every diagnostic, one per line (with hints).
     #[error(transparent)]
     Invalid(#[from] Diagnostics),
 }
 
-/// Read and validate a lab file. Messages name the file as `path` is written.
+impl LoadError {
+    /// What the user can do about it.
+    pub fn hint(&self) -> &'static str {
+        match self {
+            LoadError::Io { .. } => {
+                "pass the lab file as an argument (default: ./lab.toml); examples are in labs/"
+            }
+            LoadError::NotAFile { .. } => {
+                "pass a lab file (a regular file), e.g. lab.toml; `klab init` writes one"
+            }
+            LoadError::TooLarge { .. } => {
+                "a lab file is a few KiB of TOML; is this the right file?"
+            }
+            LoadError::Invalid(_) => "fix the errors above",
+        }
+    }
+}
+
+/// Read and validate a lab file. Messages name the file as `path` is written. Only regular files
+/// of at most [`MAX_LAB_FILE_BYTES`] are read.
 pub fn load_file(path: &Path) -> Result<Lab, LoadError> {
-    // io-edge: the loader's one file read; parse_str below is pure.
-    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Io {
+    let bytes = read_bounded(path)?;
+    Ok(parse_bytes(&bytes, &path.display().to_string())?)
+}
+
+/// The loader's I/O edge: one stat and one bounded read. A FIFO, device or directory is refused
+/// before it is opened (opening a FIFO waits for a writer; `/dev/zero` never ends), and a regular
+/// file is read through `take`, so a file that grows while it is read cannot pass the bound either.
+fn read_bounded(path: &Path) -> Result<Vec<u8>, LoadError> {
+    use std::io::Read;
+    let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    Ok(parse_str(&src, &path.display().to_string())?)
+    };
+    // Checked before opening: opening a FIFO blocks until a writer comes.
+    let meta = path.metadata().map_err(io)?;
+    if !meta.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        let kind = if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_socket() {
+            "a socket"
+        } else if t.is_char_device() || t.is_block_device() {
+            "a device"
+        } else {
+            "not a file"
+        };
+        return Err(LoadError::NotAFile {
+            path: path.to_path_buf(),
+            kind,
+        });
+    }
+    // io-edge: the loader's one file read; parse_bytes below is pure.
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    // One byte past the bound tells "too large" from "exactly at the bound".
+    file.take(MAX_LAB_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_LAB_FILE_BYTES {
+        return Err(LoadError::TooLarge {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(bytes)
+}
+
+/// Parse and validate lab-file bytes: text that is not UTF-8 is one diagnostic at the first bad
+/// byte. Pure (no I/O).
+pub fn parse_bytes(bytes: &[u8], file: &str) -> Result<Lab, Diagnostics> {
+    match std::str::from_utf8(bytes) {
+        Ok(src) => parse_str(src, file),
+        Err(e) => {
+            let good = &bytes[..e.valid_up_to()];
+            // The prefix is valid UTF-8 by definition.
+            let good = std::str::from_utf8(good).unwrap_or_default();
+            let line = good.matches('\n').count() + 1;
+            let col = good.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+            let bad = bytes
+                .get(e.valid_up_to())
+                .map(|b| format!(" (byte 0x{b:02x})"))
+                .unwrap_or_default();
+            Err(Diagnostics(vec![Diagnostic {
+                file: file.to_string(),
+                line,
+                col,
+                field: String::new(),
+                message: format!("not UTF-8{bad}"),
+                hint: Some(
+                    "a lab file is UTF-8 text; convert it, e.g. `iconv -f latin1 -t utf-8`".into(),
+                ),
+            }]))
+        }
+    }
 }
 
 /// Parse and validate lab-file text. `file` is the name used in messages. Pure (no I/O).
@@ -62,6 +164,10 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
     // Built once: the schema is a constant of the program.
     static SCHEMA: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(schema_json);
     for u in keys::unknown_keys(table.get_ref(), &SCHEMA) {
+        if let Some((message, hint)) = retired_key(&u.path, table.get_ref()) {
+            ctx.report(&u.span, &u.path, message, Some(hint));
+            continue;
+        }
         let message = if u.owner.is_empty() {
             format!("unknown key `{}`", u.key)
         } else {
@@ -102,6 +208,27 @@ pub fn parse_str(src: &str, file: &str) -> Result<Lab, Diagnostics> {
     match validate::validate(&cfg, &mut ctx) {
         Some(lab) if ctx.diags.is_empty() => Ok(lab),
         _ => Err(finish(ctx.diags)),
+    }
+}
+
+/// Keys klab used to accept, with what to do instead: clearer than "unknown key".
+fn retired_key(path: &str, table: &toml::de::DeTable<'_>) -> Option<(String, String)> {
+    match path {
+        "host.pool" => {
+            let pool = match table.get("name").map(|n| n.get_ref()) {
+                Some(toml::de::DeValue::String(n)) if units::is_lab_name(n) => {
+                    format!("`klab-{n}`")
+                }
+                _ => "`klab-<name>`".to_string(),
+            };
+            Some((
+                "[host] `pool` is no longer supported".to_string(),
+                format!(
+                    "remove it; klab makes a storage pool per lab ({pool}) and `klab down` removes it"
+                ),
+            ))
+        }
+        _ => None,
     }
 }
 
@@ -459,7 +586,9 @@ path = "/x.qcow2"
             for entry in std::fs::read_dir(format!("{root}/{dir}")).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "toml") {
-                    sources.push(std::fs::read_to_string(path).unwrap());
+                    // Lossy: the corpus holds a lab that is not UTF-8 on purpose.
+                    let bytes = std::fs::read(path).unwrap();
+                    sources.push(String::from_utf8_lossy(&bytes).into_owned());
                 }
             }
         }
@@ -474,6 +603,19 @@ path = "/x.qcow2"
             }
         }
         assert!(runs > 1000);
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_one_diagnostic_at_the_first_bad_byte() {
+        let e = parse_bytes(b"name = \"t\"\n\nx = \"ab\xffc\"\n\xfe", "x.toml").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "x.toml:3:8: not UTF-8 (byte 0xff)\n  hint: a lab file is UTF-8 text; convert it, e.g. `iconv -f latin1 -t utf-8`"
+        );
+        // Columns count characters, as everywhere else.
+        let e = parse_bytes(b"\xc3\xa9 = \xc3", "x.toml").unwrap_err();
+        assert_eq!((e.0[0].line, e.0[0].col), (1, 5));
+        assert_eq!(parse_bytes(MIN.as_bytes(), "x.toml").unwrap().name, "t");
     }
 
     #[test]
@@ -512,6 +654,7 @@ path = "/x.qcow2"
         let node = &s["$defs"]["NodeConfig"]["properties"];
         assert_eq!(node["cpus"]["type"], "integer");
         assert_eq!(node["cpus"]["minimum"], 1);
+        assert_eq!(node["count"]["maximum"], 512, "validate::MAX_NODES");
         assert_eq!(node["role"]["$ref"], "#/$defs/RoleName");
         assert!(!s.to_string().contains("null"), "TOML has no null");
         assert_eq!(

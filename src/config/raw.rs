@@ -115,8 +115,6 @@ pub struct HostConfig {
     pub uri: Option<Field<String>>,
     /// Accelerator: `auto` uses KVM where libvirt offers it; `qemu` (TCG) works everywhere.
     pub accel: Option<Field<AccelName>>,
-    /// Use this existing libvirt storage pool instead of creating one for the lab.
-    pub pool: Option<Field<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -211,7 +209,7 @@ pub struct NodeConfig {
     pub role: Option<Field<RoleName>>,
     /// Make this many nodes (`w` with count 3 → `w1`, `w2`, `w3`). A fixed NIC address is the first
     /// node's; the others get the following addresses.
-    #[schemars(range(min = 1, max = 1000))]
+    #[schemars(range(min = 1, max = 512))]
     pub count: Option<Field<i64>>,
     /// Catalog image name or a key of `[images]` (default: `[defaults]`, then `debian-12`).
     pub image: Option<Field<String>>,
@@ -221,8 +219,7 @@ pub struct NodeConfig {
     pub disk: Option<Field<String>>,
     pub user: Option<Field<String>>,
     /// Network interfaces; NIC 1 carries the default route.
-    #[serde(default)]
-    pub nics: Vec<Sp<NicConfig>>,
+    pub nics: Option<Sp<Vec<Sp<NicConfig>>>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

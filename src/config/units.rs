@@ -68,13 +68,16 @@ pub fn parse_disk_gib(s: &str) -> Result<u64, UnitError> {
     Ok(mib / 1024)
 }
 
-/// `"90s"`, `"5m"`, `"1h"`, `"1m30s"`; a bare number is seconds.
+/// `"90s"`, `"5m"`, `"1h"`, `"1m30s"`; a bare number is seconds. Each unit at most once, largest
+/// first (`"5m5m"` and `"30s1m"` are typos, not durations).
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let mut rest = s.trim();
     if rest.is_empty() {
         return Err(UnitError::Syntax);
     }
     let mut total: u64 = 0;
+    // Factor of the last unit seen: the next one must be smaller.
+    let mut last = u64::MAX;
     while !rest.is_empty() {
         let (n, after) = split_number(rest)?;
         let unit_len = after.bytes().take_while(u8::is_ascii_alphabetic).count();
@@ -89,6 +92,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
         if unit.is_empty() && (total != 0 || !tail.trim().is_empty()) {
             return Err(UnitError::Syntax);
         }
+        if factor >= last {
+            return Err(UnitError::Syntax);
+        }
+        last = factor;
         total = n
             .checked_mul(factor)
             .and_then(|v| total.checked_add(v))
@@ -215,6 +222,11 @@ mod tests {
         assert_eq!(parse_duration("0s"), Err(UnitError::Zero));
         assert_eq!(parse_duration(""), Err(UnitError::Syntax));
         assert_eq!(parse_duration("soon"), Err(UnitError::Syntax));
+        assert_eq!(parse_duration("1h1m1s"), Ok(Duration::from_secs(3661)));
+        assert_eq!(parse_duration("5m5m"), Err(UnitError::Syntax));
+        assert_eq!(parse_duration("30s1m"), Err(UnitError::Syntax));
+        assert_eq!(parse_duration("1h 2h"), Err(UnitError::Syntax));
+        assert_eq!(parse_duration("0m30s"), Ok(Duration::from_secs(30)));
     }
 
     #[test]

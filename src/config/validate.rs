@@ -35,6 +35,10 @@ const WORKER_MIN_MIB: u64 = 1024;
 /// Oldest minor with packages on pkgs.k8s.io.
 const K8S_MIN_MINOR: u32 = 24;
 const NETWORK_KEY_MAX: usize = 32;
+/// Longest wait a lab may ask for: keeps deadlines (`Instant + timeout`) far from overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Most nodes one host holds (after `count` expansion); also the largest `count`.
+pub const MAX_NODES: usize = 512;
 
 pub(super) struct Ctx<'a> {
     file: &'a str,
@@ -204,7 +208,21 @@ impl<'a> Ctx<'a> {
     ) -> Option<(Ipv4Network, Span)> {
         let (s, span) = self.get(f, at, key, "a CIDR string like \"10.10.1.0/24\"")?;
         match parse_cidr(s) {
-            Ok(net) => Some((net, span)),
+            Ok(net) => match reserved_range(net) {
+                Some((what, range)) => {
+                    self.report(
+                        &span,
+                        &at.field(key),
+                        format!(
+                            "{}{key} {net} overlaps the {what} range {range}",
+                            at.prefix()
+                        ),
+                        Some(private_ranges_hint(key)),
+                    );
+                    None
+                }
+                None => Some((net, span)),
+            },
             Err(CidrError::Syntax) => {
                 self.report(
                     &span,
@@ -240,6 +258,24 @@ impl<'a> Ctx<'a> {
             DurationConfig::Text(s) => units::parse_duration(s),
         };
         match parsed {
+            Ok(d) if d > MAX_TIMEOUT => {
+                let msg = format!(
+                    "[timeouts] `{key}` {} is longer than {}h",
+                    self.text(&span),
+                    MAX_TIMEOUT.as_secs() / 3600
+                );
+                self.report(
+                    &span,
+                    &at.field(key),
+                    msg,
+                    Some(format!(
+                        "use at most \"{}h\" ({} s); a wait that long means something is wrong",
+                        MAX_TIMEOUT.as_secs() / 3600,
+                        MAX_TIMEOUT.as_secs()
+                    )),
+                );
+                None
+            }
             Ok(d) => Some(d),
             Err(e) => {
                 let what = match e {
@@ -329,6 +365,35 @@ fn parse_cidr(s: &str) -> Result<Ipv4Network, CidrError> {
     Ok(net)
 }
 
+/// Ranges no lab network, pod or service range may touch: hosts and routers treat them specially
+/// (RFC 6890), so nodes there would not be reachable the normal way.
+const RESERVED_RANGES: &[(&str, Ipv4Addr, u8)] = &[
+    ("\"this network\"", Ipv4Addr::new(0, 0, 0, 0), 8),
+    ("loopback", Ipv4Addr::new(127, 0, 0, 0), 8),
+    ("link-local", Ipv4Addr::new(169, 254, 0, 0), 16),
+    ("multicast", Ipv4Addr::new(224, 0, 0, 0), 4),
+    // Includes the limited broadcast address 255.255.255.255.
+    ("reserved", Ipv4Addr::new(240, 0, 0, 0), 4),
+];
+
+/// Where to look instead, with an example of the usual size for `key`.
+fn private_ranges_hint(key: &str) -> String {
+    let example = match key {
+        "pod-cidr" => defaults::POD_CIDR,
+        "service-cidr" => defaults::SERVICE_CIDR,
+        _ => "10.10.1.0/24",
+    };
+    format!("use a private range (10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16), e.g. \"{example}\"")
+}
+
+/// The special-purpose range `net` overlaps, if any, with its name.
+fn reserved_range(net: Ipv4Network) -> Option<(&'static str, Ipv4Network)> {
+    RESERVED_RANGES.iter().find_map(|(what, addr, prefix)| {
+        let range = Ipv4Network::new(*addr, *prefix).ok()?;
+        overlaps(net, range).then_some((*what, range))
+    })
+}
+
 fn overlaps(a: Ipv4Network, b: Ipv4Network) -> bool {
     a.contains(b.network()) || b.contains(a.network())
 }
@@ -394,7 +459,11 @@ struct K8sDraft {
     cluster: Option<(usize, Span)>,
     cluster_ok: bool,
     pod: Option<Ipv4Network>,
+    /// Where `pod-cidr` is written (`None`: the default).
+    pod_span: Option<Span>,
     service: Option<Ipv4Network>,
+    /// Where `service-cidr` is written (`None`: the default).
+    service_span: Option<Span>,
     cni: Option<Cni>,
     vip: Option<(Ipv4Addr, Span)>,
     calico: Option<String>,
@@ -424,9 +493,17 @@ pub(super) fn validate(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<Lab> {
             Some("add at least one [[nodes]] table with a `name` and `nics`".into()),
         );
     }
+    if !check_node_total(&nodes, ctx) {
+        // Expanding and addressing that many nodes would only make more errors, slowly.
+        return None;
+    }
     let expanded = expand(&nodes, ctx);
     check_fixed_addresses(&expanded, &nodes, &nets, k8s.as_ref(), ctx);
     let ips = allocate(&expanded, &nodes, &nets, k8s.as_ref(), ctx);
+    if let Some(k) = &k8s {
+        check_pod_cidr_size(k, &nodes, &expanded, ctx);
+        check_service_cidr_size(k, ctx);
+    }
     let kubernetes = k8s.and_then(|k| finish_kubernetes(k, &nodes, &expanded, &nets, ctx));
 
     if !ctx.diags.is_empty() {
@@ -545,18 +622,6 @@ fn host(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Host {
             AccelName::Kvm => Accel::Kvm,
             AccelName::Qemu => Accel::Qemu,
         };
-    }
-    if let Some((pool, span)) = ctx.get(&h.value.pool, &at, "pool", "a string") {
-        if pool.is_empty() || pool.contains(['/', ' ']) {
-            ctx.report(
-                &span,
-                "host.pool",
-                format!("[host] pool `{pool}` is not a valid storage pool name"),
-                Some("name an existing libvirt storage pool (see `virsh pool-list --all`)".into()),
-            );
-        } else {
-            host.pool = Some(pool.clone());
-        }
     }
     host
 }
@@ -1422,7 +1487,9 @@ fn kubernetes(cfg: &LabConfig, nets: &[NetDraft], ctx: &mut Ctx<'_>) -> Option<K
         version,
         cluster,
         cluster_ok,
+        pod_span: pod.as_ref().and_then(|(_, s)| s.clone()),
         pod: pod.filter(|_| pod_ok).map(|(n, _)| n),
+        service_span: service.as_ref().and_then(|(_, s)| s.clone()),
         service: service.filter(|_| svc_ok).map(|(n, _)| n),
         cni,
         vip,
@@ -1461,16 +1528,16 @@ fn node(
 
     let count = match ctx.get(&c.count, &at, "count", "an integer") {
         Some((n, span)) => {
-            if (1..=1000).contains(n) {
+            if (1..=MAX_NODES as i64).contains(n) {
                 u32::try_from(*n).ok()
             } else {
                 ctx.report(
                     &span,
                     &at.field("count"),
                     format!("node `{label}`: count {n} is out of range"),
-                    Some(
-                        "use 1 or more (at most 1000); leave `count` out for a single node".into(),
-                    ),
+                    Some(format!(
+                        "use 1 to {MAX_NODES} (the most one host runs); leave `count` out for a single node"
+                    )),
                 );
                 None
             }
@@ -1614,7 +1681,13 @@ fn node(
     let mut nics = Vec::new();
     let mut nics_broken = false;
     let mut seen: BTreeMap<usize, usize> = BTreeMap::new();
-    for (i, nic) in c.nics.iter().enumerate() {
+    let nic_list: &[Sp<super::raw::NicConfig>] = c.nics.as_ref().map_or(&[], |n| &n.value);
+    // Errors about the NICs as a whole point at the `nics` line (at the name when there is none).
+    let nics_span = c
+        .nics
+        .as_ref()
+        .map_or(name_span.clone(), |n| n.span.clone());
+    for (i, nic) in nic_list.iter().enumerate() {
         let nic_at = Place::Node(index, &label);
         let key = format!("nics[{i}].network");
         let net = match ctx.get(&nic.value.network, &nic_at, &key, "a network name") {
@@ -1668,9 +1741,9 @@ fn node(
             ip,
         });
     }
-    if c.nics.is_empty() {
+    if nic_list.is_empty() {
         ctx.missing(
-            &name_span,
+            &nics_span,
             &at.field("nics"),
             format!("node `{label}` has no NICs"),
             Some("add e.g. nics = [ { network = \"outside\" }, { network = \"cluster\" } ]; NIC 1 carries the default route".into()),
@@ -1686,7 +1759,7 @@ fn node(
     {
         let cname = &nets[*cluster].name;
         ctx.report(
-            &name_span,
+            &nics_span,
             &at.field("nics"),
             format!("node `{label}` has no NIC on the cluster network `{cname}`"),
             Some(format!(
@@ -1709,6 +1782,40 @@ fn node(
         user,
         nics,
     }
+}
+
+/// At most [`MAX_NODES`] nodes after `count` expansion: more than one host can run, and more than
+/// planning should spend time on. `false` (reported at the entry that passes the limit) when over.
+fn check_node_total(nodes: &[NodeDraft], ctx: &mut Ctx<'_>) -> bool {
+    let mut total: usize = 0;
+    let mut first_over: Option<&NodeDraft> = None;
+    for d in nodes {
+        if d.name.is_none() || d.count_bad {
+            continue;
+        }
+        total += d.count.map_or(1, |c| c as usize);
+        if total > MAX_NODES && first_over.is_none() {
+            first_over = Some(d);
+        }
+    }
+    let Some(d) = first_over else {
+        return true;
+    };
+    let span = d.name.as_ref().map_or(d.span.clone(), |(_, s)| s.clone());
+    let what = match (&d.name, d.count) {
+        (Some((base, _)), Some(c)) => format!("node `{base}` (count {c})"),
+        (Some((base, _)), None) => format!("node `{base}`"),
+        _ => "this node".to_string(),
+    };
+    ctx.report(
+        &span,
+        &format!("nodes[{}]", d.index),
+        format!("the lab has {total} nodes; klab runs at most {MAX_NODES} on one host"),
+        Some(format!(
+            "{what} passes the limit; use fewer [[nodes]] or smaller `count`s"
+        )),
+    );
+    false
 }
 
 /// One node after `count` expansion.
@@ -1988,6 +2095,91 @@ fn allocate(
     out
 }
 
+/// kube-controller-manager's per-node pod range for IPv4 (`--node-cidr-mask-size`, which klab's
+/// kubeadm configuration leaves at its default).
+const NODE_POD_PREFIX: u8 = 24;
+
+/// kubeadm refuses a pod range more than this many bits larger than the per-node range.
+const POD_NODE_MAX_DIFF: u8 = 16;
+
+/// The pod range must hold one /24 per Kubernetes node: kube-controller-manager hands every node a
+/// /24 of it (and does not start with a pod range smaller than one /24), and Calico's IPAM takes its
+/// /26 blocks from there. So `n` nodes need a prefix of at most `24 - ceil(log2 n)`.
+fn check_pod_cidr_size(
+    k: &K8sDraft,
+    nodes: &[NodeDraft],
+    expanded: &[Expanded],
+    ctx: &mut Ctx<'_>,
+) {
+    let Some(pod) = k.pod else { return };
+    let (span, shown) = match &k.pod_span {
+        Some(s) => (s.clone(), format!("pod-cidr {pod}")),
+        None => (k.span.clone(), format!("pod-cidr {pod} (the default)")),
+    };
+    if pod.prefix() + POD_NODE_MAX_DIFF < NODE_POD_PREFIX {
+        ctx.report(
+            &span,
+            "kubernetes.pod-cidr",
+            format!("[kubernetes] {shown} is too large"),
+            Some(format!(
+                "kubeadm takes a pod range at most {POD_NODE_MAX_DIFF} bits larger than the per-node /{NODE_POD_PREFIX}, so a /{} at most; e.g. pod-cidr = \"{}\"",
+                NODE_POD_PREFIX - POD_NODE_MAX_DIFF,
+                defaults::POD_CIDR
+            )),
+        );
+        return;
+    }
+    let n = expanded
+        .iter()
+        .filter(|e| nodes[e.node].role != Role::None)
+        .count()
+        .max(1);
+    let bits = u8::try_from(n.next_power_of_two().trailing_zeros()).unwrap_or(u8::MAX);
+    let needed = NODE_POD_PREFIX.saturating_sub(bits);
+    if pod.prefix() <= needed {
+        return;
+    }
+    let nodes_word = if n == 1 { "node" } else { "nodes" };
+    // The user's range widened to the size it needs.
+    let example = Ipv4Network::new(pod.network(), needed)
+        .and_then(|e| Ipv4Network::new(e.network(), needed))
+        .map_or_else(|_| "10.244.0.0/16".to_string(), |e| e.to_string());
+    ctx.report(
+        &span,
+        "kubernetes.pod-cidr",
+        format!("[kubernetes] {shown} is too small for {n} Kubernetes {nodes_word}"),
+        Some(format!(
+            "kube-controller-manager gives every node a /{NODE_POD_PREFIX} of the pod range (Calico's /26 blocks come from it), so {n} {nodes_word} need a /{needed} or larger, e.g. pod-cidr = \"{example}\""
+        )),
+    );
+}
+
+/// kubeadm's bounds on the service range: at most 2^20 addresses (a /12), and room for the 10th
+/// address, which it gives to CoreDNS (so a /28 at least).
+fn check_service_cidr_size(k: &K8sDraft, ctx: &mut Ctx<'_>) {
+    let Some(svc) = k.service else { return };
+    let (span, shown) = match &k.service_span {
+        Some(s) => (s.clone(), format!("service-cidr {svc}")),
+        None => (k.span.clone(), format!("service-cidr {svc} (the default)")),
+    };
+    let problem = if svc.prefix() < 12 {
+        "is too large: kubeadm takes at most a /12 (2^20 addresses)"
+    } else if svc.prefix() > 28 {
+        "is too small: kubeadm gives CoreDNS its 10th address, so it needs a /28 or larger"
+    } else {
+        return;
+    };
+    ctx.report(
+        &span,
+        "kubernetes.service-cidr",
+        format!("[kubernetes] {shown} {problem}"),
+        Some(format!(
+            "e.g. service-cidr = \"{}\" (the default)",
+            defaults::SERVICE_CIDR
+        )),
+    );
+}
+
 fn finish_kubernetes(
     k: K8sDraft,
     nodes: &[NodeDraft],
@@ -2075,6 +2267,120 @@ mod tests {
         assert!(!version_ok("1.32.", 2..=3));
         assert!(version_ok("3.29.3", 3..=3));
         assert!(!version_ok("3.29", 3..=3));
+    }
+
+    #[test]
+    fn special_purpose_ranges() {
+        let r = |s: &str| reserved_range(s.parse().unwrap()).map(|(w, n)| (w, n.to_string()));
+        for private in [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "100.64.0.0/10",
+        ] {
+            assert_eq!(r(private), None, "{private}");
+        }
+        assert_eq!(r("127.1.0.0/16"), Some(("loopback", "127.0.0.0/8".into())));
+        assert_eq!(
+            r("0.0.0.0/0"),
+            Some(("\"this network\"", "0.0.0.0/8".into()))
+        );
+        assert_eq!(
+            r("255.255.255.252/30"),
+            Some(("reserved", "240.0.0.0/4".into()))
+        );
+        assert_eq!(
+            r("239.255.0.0/16"),
+            Some(("multicast", "224.0.0.0/4".into()))
+        );
+        assert_eq!(
+            r("169.254.169.0/24"),
+            Some(("link-local", "169.254.0.0/16".into()))
+        );
+    }
+
+    /// A lab with `workers` workers (plus one control plane) and the given pod range.
+    fn k8s_lab(workers: u32, pod: &str) -> String {
+        format!(
+            "name = \"t\"\n[networks.c]\nmode = \"isolated\"\ncidr = \"10.0.0.0/16\"\n\
+             [[nodes]]\nname = \"cp\"\nrole = \"control-plane\"\nnics = [ {{ network = \"c\" }} ]\n\
+             [[nodes]]\nname = \"w\"\ncount = {workers}\nrole = \"worker\"\nnics = [ {{ network = \"c\" }} ]\n\
+             [kubernetes]\nversion = \"1.32\"\ncluster-network = \"c\"\npod-cidr = \"{pod}\"\n"
+        )
+    }
+
+    fn parse(src: &str) -> Result<Lab, String> {
+        let mut ctx = Ctx::new(src, "t.toml");
+        let cfg: LabConfig = toml::from_str(src).map_err(|e| e.to_string())?;
+        match validate(&cfg, &mut ctx) {
+            Some(lab) if ctx.diags.is_empty() => Ok(lab),
+            _ => Err(ctx
+                .diags
+                .iter()
+                .map(|d| d.message.clone())
+                .collect::<Vec<_>>()
+                .join("\n")),
+        }
+    }
+
+    #[test]
+    fn the_pod_range_holds_a_slash_24_per_kubernetes_node() {
+        // 2 nodes need a /23, 4 a /22, 256 a /16, 257 a /15.
+        assert!(parse(&k8s_lab(1, "10.244.0.0/23")).is_ok());
+        assert_eq!(
+            parse(&k8s_lab(1, "10.244.0.0/24")).unwrap_err(),
+            "[kubernetes] pod-cidr 10.244.0.0/24 is too small for 2 Kubernetes nodes"
+        );
+        assert!(parse(&k8s_lab(3, "10.244.0.0/22")).is_ok());
+        assert!(parse(&k8s_lab(4, "10.244.0.0/22")).is_err());
+        assert!(parse(&k8s_lab(255, "10.244.0.0/16")).is_ok());
+        assert_eq!(
+            parse(&k8s_lab(256, "10.244.0.0/16")).unwrap_err(),
+            "[kubernetes] pod-cidr 10.244.0.0/16 is too small for 257 Kubernetes nodes"
+        );
+        assert!(parse(&k8s_lab(256, "10.244.0.0/15")).is_ok());
+    }
+
+    #[test]
+    fn a_host_holds_at_most_512_nodes() {
+        let lab = |count: u32, extra: &str| {
+            format!(
+                "name = \"t\"\n[networks.n]\nmode = \"isolated\"\ncidr = \"10.0.0.0/16\"\n\
+                 [[nodes]]\nname = \"v\"\ncount = {count}\nnics = [ {{ network = \"n\" }} ]\n{extra}"
+            )
+        };
+        assert_eq!(parse(&lab(512, "")).unwrap().nodes.len(), 512);
+        let one_more = "[[nodes]]\nname = \"x\"\nnics = [ { network = \"n\" } ]\n";
+        assert_eq!(
+            parse(&lab(512, one_more)).unwrap_err(),
+            "the lab has 513 nodes; klab runs at most 512 on one host"
+        );
+        assert_eq!(
+            parse(&lab(513, "")).unwrap_err(),
+            "node `v`: count 513 is out of range"
+        );
+    }
+
+    #[test]
+    fn timeouts_are_at_most_a_day() {
+        let lab = |ssh: &str| {
+            format!(
+                "name = \"t\"\n[networks.n]\nmode = \"isolated\"\ncidr = \"10.0.0.0/24\"\n\
+                 [[nodes]]\nname = \"v\"\nnics = [ {{ network = \"n\" }} ]\n[timeouts]\nssh = {ssh}\n"
+            )
+        };
+        assert_eq!(
+            parse(&lab("\"24h\"")).unwrap().timeouts.ssh,
+            Duration::from_secs(86400)
+        );
+        assert_eq!(
+            parse(&lab("86401")).unwrap_err(),
+            "[timeouts] `ssh` 86401 is longer than 24h"
+        );
+        assert_eq!(
+            parse(&lab("9223372036854775807")).unwrap_err(),
+            "[timeouts] `ssh` 9223372036854775807 is longer than 24h"
+        );
     }
 
     #[test]

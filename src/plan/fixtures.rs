@@ -163,7 +163,7 @@ pub fn ha_lab() -> Lab {
     }
 }
 
-/// Plain VM lab (no Kubernetes) on a configured, pre-existing pool, bridge NIC first.
+/// Plain VM lab (no Kubernetes), bridge NIC first.
 pub fn plain_lab() -> Lab {
     let mut lan = net("lan", NetworkMode::Bridge, "192.168.182.0/24", Some("br0"));
     lan.dns = vec![Ipv4Addr::new(192, 168, 182, 1), Ipv4Addr::new(9, 9, 9, 9)];
@@ -171,10 +171,7 @@ pub fn plain_lab() -> Lab {
     images.insert("debian-12".to_string(), debian_url_image());
     Lab {
         name: "plain".into(),
-        host: Host {
-            pool: Some("default".into()),
-            ..Host::default()
-        },
+        host: Host::default(),
         images,
         networks: vec![
             net("back", NetworkMode::Isolated, "10.20.0.0/24", None),

@@ -70,19 +70,12 @@ pub fn plan(lab: &Lab, inputs: &PlanInputs) -> LabPlan {
     }
 }
 
+/// Every lab has its own pool (`klab-<lab>`): volume names are not lab-prefixed, so a pool shared
+/// between labs could not tell whose volumes are whose.
 fn plan_pool(lab: &Lab, inputs: &PlanInputs) -> PoolSpec {
-    match &lab.host.pool {
-        // A configured pool is the user's: its path is whatever libvirt says, so it stays unknown here.
-        Some(name) => PoolSpec {
-            name: name.clone(),
-            path: String::new(),
-            owned: false,
-        },
-        None => PoolSpec {
-            name: names::pool_name(&lab.name),
-            path: inputs.pool_dir.clone(),
-            owned: true,
-        },
+    PoolSpec {
+        name: names::pool_name(&lab.name),
+        path: inputs.pool_dir.clone(),
     }
 }
 
@@ -368,7 +361,6 @@ mod tests {
             PoolSpec {
                 name: "klab-demo".into(),
                 path: "/var/lib/klab/pools/demo".into(),
-                owned: true
             }
         );
         let cp1 = p.node("cp1").expect("cp1");
@@ -428,19 +420,18 @@ mod tests {
     }
 
     #[test]
-    fn plain_lab_uses_nic1_and_a_configured_pool() {
+    fn plain_lab_uses_nic1_and_its_own_pool() {
         let lab = fixtures::plain_lab();
         let p = plan(&lab, &fixtures::inputs(&lab.name));
         assert_eq!(
             p.pool,
             PoolSpec {
-                name: "default".into(),
-                path: String::new(),
-                owned: false
+                name: "klab-plain".into(),
+                path: "/var/lib/klab/pools/plain".into(),
             }
         );
         let vm1 = p.node("vm1").expect("vm1");
-        assert_eq!(vm1.overlay.path, "");
+        assert_eq!(vm1.overlay.path, "/var/lib/klab/pools/plain/vm1.qcow2");
         assert_eq!(vm1.cluster_ip, Ipv4Addr::new(192, 168, 182, 30));
         let ifnames: Vec<&str> = vm1.nics.iter().map(|n| n.ifname.as_str()).collect();
         assert_eq!(ifnames, ["ext0", "net1"]);

@@ -116,11 +116,9 @@ pub struct Ownership {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolSpec {
-    /// libvirt pool name (`klab-<lab>` or the configured one).
+    /// libvirt pool name: `klab-<lab>`, created and removed by klab.
     pub name: String,
     pub path: String,
-    /// `true` when klab creates (and later removes) the pool.
-    pub owned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,7 +61,6 @@ fn lab_plan(lab: &str, nodes: &[(&str, u8)]) -> LabPlan {
         pool: PoolSpec {
             name: format!("klab-{lab}"),
             path: format!("/p/{lab}"),
-            owned: true,
         },
         networks: vec![NetworkSpec {
             key: "outside".into(),

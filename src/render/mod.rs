@@ -242,12 +242,8 @@ pub fn render_lab(
     keys: Option<&KeyMaterial>,
     t: &Templates,
 ) -> Result<RenderedLab, RenderError> {
-    let pool = if plan.pool.owned {
-        let ctx = minijinja::context! { lab => &plan.lab, pool => value::to_value(&plan.pool) };
-        Some(t.render(POOL, &format!("pool `{}`", plan.pool.name), ctx)?)
-    } else {
-        None
-    };
+    let ctx = minijinja::context! { lab => &plan.lab, pool => value::to_value(&plan.pool) };
+    let pool = Some(t.render(POOL, &format!("pool `{}`", plan.pool.name), ctx)?);
     let networks = plan
         .networks
         .iter()
@@ -452,14 +448,14 @@ mod tests {
         assert!(w1.contains("<kernel>/var/lib/klab/images/custom.vmlinuz</kernel>"));
         assert!(w1.contains("<cmdline>root=/dev/vda rw console=ttyS0 ds=nocloud</cmdline>"));
         assert_eq!(w1.matches("<interface type='network'>").count(), 3);
-        // A configured pool has no known path: disks refer to pool volumes instead.
+        // Every lab has its own pool, so disks are files at known paths.
         let plain = planned(&fixtures::plain_lab());
         let r = render_lab(&plain, None, &builtin()).expect("render");
-        assert!(r.pool.is_none());
+        assert!(r.pool.is_some());
         assert!(
             r.nodes[0]
                 .domain_xml
-                .contains("<source pool='default' volume='vm1.qcow2'/>")
+                .contains("<source file='/var/lib/klab/pools/plain/vm1.qcow2'/>")
         );
     }
 

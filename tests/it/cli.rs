@@ -135,3 +135,198 @@ fn lab_names_from_the_command_line_cannot_escape_the_state_directory() {
         );
     }
 }
+
+#[test]
+fn a_lab_file_that_is_not_utf8_gets_the_position_of_the_first_bad_byte() {
+    let out = klab(&["validate", "tests/invalid/58-not-utf8.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "tests/invalid/58-not-utf8.toml:2:6: not UTF-8 (byte 0xe9)\n  hint: a lab file is UTF-8 text; convert it, e.g. `iconv -f latin1 -t utf-8`\n"
+    );
+}
+
+/// `klab validate` on something that is not a regular file ends at once with a clear message.
+fn refused_quickly(path: &str, kind: &str) {
+    let started = std::time::Instant::now();
+    let out = klab(&["validate", path]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{path}: took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{path}");
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: lab file {path} is not a regular file (it is {kind})\n  hint: pass a lab file (a regular file), e.g. lab.toml; `klab init` writes one\n"
+        )
+    );
+}
+
+#[test]
+fn a_lab_file_that_never_ends_does_not_hang_validate() {
+    refused_quickly("/dev/zero", "a device");
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("lab.toml");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    refused_quickly(fifo.to_str().unwrap(), "a FIFO");
+    refused_quickly(dir.path().to_str().unwrap(), "a directory");
+}
+
+#[test]
+fn a_lab_file_over_one_mib_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    let mut body = String::from("name = \"big\"\n");
+    while body.len() <= 1024 * 1024 {
+        body.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&big, body).unwrap();
+    let out = klab(&["validate", big.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        format!(
+            "error: lab file {} is larger than 1024 KiB; klab reads at most that much\n  hint: a lab file is a few KiB of TOML; is this the right file?\n",
+            big.display()
+        )
+    );
+}
+
+#[test]
+fn a_full_or_closed_stderr_does_not_panic() {
+    // Full: every write fails with ENOSPC.
+    let full = Command::new(env!("CARGO_BIN_EXE_klab"))
+        .args(["validate", "tests/invalid/02-unknown-keys.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .output()
+        .unwrap();
+    assert_eq!(full.status.code(), Some(1), "ENOSPC on stderr");
+    // Closed: the reader went away before klab wrote (EPIPE).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let closed = Command::new(env!("CARGO_BIN_EXE_klab"))
+        .args(["validate", "tests/invalid/02-unknown-keys.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(closed.status.code(), Some(1), "EPIPE on stderr");
+    // A result that cannot be written to a full stdout is klab's failure, not a panic.
+    let full_out = Command::new(env!("CARGO_BIN_EXE_klab"))
+        .args(["validate", "labs/local.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .stderr(std::fs::File::create("/dev/full").expect("/dev/full"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        full_out.status.code(),
+        Some(2),
+        "ENOSPC on stdout and stderr"
+    );
+}
+
+#[test]
+fn messages_escape_control_characters_in_values_from_the_command_line() {
+    let out = klab(&["down", "a\u{1b}[2J\nb"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("error: `a\\u{1b}[2J\\nb` is not a lab name\n  hint: "),
+        "{err:?}"
+    );
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+}
+
+fn klab_in(data: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_klab"))
+        .args(args)
+        // No lab.toml here, so only the host's labs can name the lab.
+        .current_dir(data)
+        .env("KLAB_DATA_DIR", data)
+        .env_remove("KLAB_CONNECT")
+        .env_remove("KLAB_STATE_DIR")
+        .output()
+        .expect("run klab")
+}
+
+/// Saved state of `lab` (from the lab file `file` in labs/, renamed) as `klab up` leaves it.
+fn saved_lab(data: &Path, file: &str, name: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("labs")
+        .join(file);
+    let mut lab = klab::config::load_file(&path).unwrap();
+    lab.name = name.to_string();
+    let inputs = klab::plan::PlanInputs {
+        accel: klab::model::Accel::Qemu,
+        uri: "qemu:///system".into(),
+        pool_dir: data.join("pools").join(name).display().to_string(),
+        image_cache: data.join("images").display().to_string(),
+        console_dir: data.join("console").display().to_string(),
+        keys: None,
+        local_images: Vec::new(),
+    };
+    let plan = klab::plan::plan(&lab, &inputs);
+    klab::state::StateDir::new(&data.join("labs"), name)
+        .save_plan(&plan)
+        .unwrap();
+}
+
+#[test]
+fn ssh_without_a_lab_asks_which_lab_when_the_host_has_several() {
+    let data = tempfile::tempdir().unwrap();
+    // labs/local.toml has node1 and node2; labs/quickstart.toml has cp1 and w1.
+    saved_lab(data.path(), "local.toml", "one");
+    saved_lab(data.path(), "local.toml", "two");
+    saved_lab(data.path(), "quickstart.toml", "three");
+
+    let out = klab_in(data.path(), &["ssh", "node1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: several labs on this host have a node `node1`: one, two\n  hint: name the lab: `klab ssh one/node1 -- …` or `klab ssh --lab one node1`\n"
+    );
+    // Only one lab has the node: still asked, never guessed.
+    let out = klab_in(data.path(), &["ssh", "cp1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: 3 labs on this host; which one do you mean? `three` has a node `cp1`\n  hint: name the lab: `klab ssh three/cp1 -- …` or `klab ssh --lab three cp1`\n"
+    );
+    let out = klab_in(data.path(), &["ssh", "db", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "error: no lab on this host has a node `db` (labs: one, three, two)\n  hint: `klab status LAB` lists a lab's nodes\n"
+    );
+}
+
+#[test]
+fn render_from_state_writes_the_keys_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let data = tempfile::tempdir().unwrap();
+    let out_dir = data.path().join("out");
+    let lab = Path::new(env!("CARGO_MANIFEST_DIR")).join("labs/local.toml");
+    let out = klab_in(
+        data.path(),
+        &[
+            "render",
+            lab.to_str().unwrap(),
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--from-state",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let user_data = out_dir.join("nodes/node1/cloud-init/user-data");
+    let content = std::fs::read_to_string(&user_data).unwrap();
+    assert!(content.contains("PRIVATE KEY"), "no host key in the seed");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&user_data), 0o600);
+    assert_eq!(mode(&out_dir.join("nodes/node1")), 0o700);
+    assert_eq!(mode(&out_dir.join("nodes/node1/domain.xml")), 0o600);
+}

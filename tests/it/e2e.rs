@@ -208,10 +208,8 @@ fn up_reconcile_and_down_on_real_qemu() {
             "ssh",
             &target,
             "--",
-            "sudo",
-            "sh",
-            "-c",
-            "ls /etc/ssh/ssh_host_*_key",
+            // One string, as with OpenSSH: the remote shell parses it (the glob runs as root).
+            "sudo sh -c 'ls /etc/ssh/ssh_host_*_key'",
         ]);
         assert_eq!(
             host_keys.trim(),

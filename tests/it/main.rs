@@ -8,6 +8,7 @@ mod image;
 mod invalid;
 mod labs_plan;
 mod modes;
+mod pty;
 mod purity;
 mod render_validate;
 mod seed;
