@@ -73,6 +73,13 @@ fn fail(op: &'static str, kind: &'static str, name: &str, err: VirtError) -> Bac
     BackendError::op(op, kind, name, err.message())
 }
 
+/// `qemu:///system`, `qemu+unix:///system`: libvirtd runs on this host, so pool paths are ours.
+fn is_local_uri(uri: &str) -> bool {
+    uri.split_once("://").is_some_and(|(scheme, rest)| {
+        rest.starts_with('/') && (!scheme.contains('+') || scheme.ends_with("+unix"))
+    })
+}
+
 fn map_state(state: Enum<virt::domain::DomainState, sys::virDomainState>) -> DomainState {
     use virt::domain::DomainState as S;
     match state {
@@ -262,8 +269,18 @@ impl LibvirtBackend {
     ) -> Result<()> {
         let len = data.len() as u64;
         let existing = Self::lookup_volume(pool, pool_name, name)?;
+        // A volume made by an older klab may be world-readable (0644); seeds hold host private keys,
+        // so such a volume is recreated owner-only instead of refilled.
+        let reusable = |vol: &StorageVol| {
+            vol.info().map(|i| i.capacity == len).unwrap_or(false)
+                && vol
+                    .xml_desc(0)
+                    .ok()
+                    .and_then(|d| xml::target_mode(&d))
+                    .is_some_and(|m| m & 0o077 == 0)
+        };
         let vol = match existing {
-            Some(vol) if vol.info().map(|i| i.capacity == len).unwrap_or(false) => vol,
+            Some(vol) if reusable(&vol) => vol,
             other => {
                 if let Some(old) = other {
                     old.delete(0)
@@ -288,6 +305,48 @@ impl LibvirtBackend {
             );
         }
         result
+    }
+
+    /// A pool made by an older klab has a 0755 directory and 0644 volumes, so any local user can
+    /// read the seeds (host private keys) and the guests' disks. The XML now asks for 0711 and 0600,
+    /// but libvirt applies that only when it creates the directory or a volume; on a local
+    /// connection klab tightens what is already there.
+    fn tighten_pool_dir(&self, pool: &StoragePool, name: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        if !is_local_uri(&self.uri) {
+            return;
+        }
+        let Some(dir) = pool
+            .xml_desc(0)
+            .ok()
+            .and_then(|d| xml::pool_target_path(&d))
+        else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        let tighten = |path: &std::path::Path, mode: u32| {
+            let Ok(md) = std::fs::symlink_metadata(path) else {
+                return;
+            };
+            if md.permissions().mode() & 0o066 == 0 {
+                return;
+            }
+            match std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+                Ok(()) => info!(pool = name, path = %path.display(), "made {mode:04o}"),
+                Err(e) => {
+                    warn!(pool = name, path = %path.display(), error = %e, "cannot make {mode:04o}")
+                }
+            }
+        };
+        if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+            return;
+        }
+        tighten(&dir, 0o711);
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                tighten(&entry.path(), xml::PRIVATE_VOLUME_MODE);
+            }
+        }
     }
 
     fn stream_upload(&self, vol: &StorageVol, name: &str, data: &[u8]) -> Result<()> {
@@ -516,6 +575,7 @@ impl Backend for LibvirtBackend {
                 }
                 let volumes = Self::pool_volumes(&pool, name)?;
                 if volumes.iter().any(|(v, _)| *v == tag) {
+                    self.tighten_pool_dir(&pool, name);
                     return Ok(());
                 }
                 if let Some(other) = volumes
@@ -747,5 +807,19 @@ impl Backend for LibvirtBackend {
         }
         info!(domain = name, "domain removed");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod pool_dir_tests {
+    use super::is_local_uri;
+
+    #[test]
+    fn only_local_uris_have_pool_paths_on_this_host() {
+        assert!(is_local_uri("qemu:///system"));
+        assert!(is_local_uri("qemu+unix:///system"));
+        assert!(!is_local_uri("qemu+ssh://host/system"));
+        assert!(!is_local_uri("qemu://host/system"));
+        assert!(!is_local_uri("qemu+tcp:///system"));
     }
 }

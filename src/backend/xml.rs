@@ -318,14 +318,29 @@ pub fn accel_from_capabilities(xml: &str) -> Result<AccelSupport, XmlError> {
     Ok(support)
 }
 
-/// XML for a zero-byte raw volume (the pool tag) or a raw volume of `capacity` bytes.
+/// Mode of every volume klab creates: seeds hold the node's SSH host private key. libvirt's dynamic
+/// ownership (qemu.conf `dynamic_ownership = 1`, the default) chowns a disk to the qemu user while its
+/// domain runs, so owner-only still lets QEMU open it.
+pub const PRIVATE_VOLUME_MODE: u32 = 0o600;
+
+/// XML for a zero-byte raw volume (the pool tag) or a raw volume of `capacity` bytes, owner-only.
 pub fn raw_volume_xml(name: &str, capacity: u64) -> String {
     format!(
         "<volume><name>{}</name><capacity unit='bytes'>{capacity}</capacity>\
          <allocation unit='bytes'>0</allocation><target><format type='raw'/>\
-         <permissions><mode>0644</mode></permissions></target></volume>",
+         <permissions><mode>{PRIVATE_VOLUME_MODE:04o}</mode></permissions></target></volume>",
         quick_xml::escape::escape(name)
     )
+}
+
+/// `<target><permissions><mode>` of a volume or pool description, as a number.
+pub fn target_mode(xml: &str) -> Option<u32> {
+    let mode = parse(xml)
+        .ok()?
+        .child("target")?
+        .child("permissions")?
+        .child_text("mode")?;
+    u32::from_str_radix(mode.trim(), 8).ok()
 }
 
 #[cfg(test)]
@@ -508,5 +523,19 @@ mod tests {
     fn raw_volume_xml_escapes_and_parses() {
         let xml = raw_volume_xml("a<b.img", 42);
         assert_eq!(object_name(&xml).as_deref(), Some("a<b.img"));
+        assert!(xml.contains("<mode>0600</mode>"), "{xml}");
+        assert_eq!(target_mode(&xml), Some(0o600));
+    }
+
+    #[test]
+    fn target_mode_reads_libvirt_descriptions() {
+        let vol = "<volume type='file'><name>cp1-seed.img</name><target><path>/p/cp1-seed.img</path>\
+                   <permissions><mode>0644</mode><owner>0</owner><group>0</group></permissions>\
+                   </target></volume>";
+        assert_eq!(target_mode(vol), Some(0o644));
+        assert_eq!(
+            target_mode("<volume><name>x</name><target/></volume>"),
+            None
+        );
     }
 }

@@ -6,13 +6,39 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::command::{self, RunError};
 use super::{
     ChecksumKind, ImageCache, ImageError, ImageMeta, Origin, created_by, file_stamp, hash_file,
-    now_unix, part_path,
+    now_unix, remove_stale_parts, unique_part_path,
 };
+
+/// How long each build step may take before it is killed. Generous: a slow mirror or disk makes a
+/// step slow, only a wedged one makes it this slow.
+mod bounds {
+    use std::time::Duration;
+
+    pub const DEBOOTSTRAP: Duration = Duration::from_secs(45 * 60);
+    pub const CHROOT_SHORT: Duration = Duration::from_secs(5 * 60);
+    pub const INITRAMFS: Duration = Duration::from_secs(15 * 60);
+    pub const MKFS: Duration = Duration::from_secs(15 * 60);
+    pub const CONVERT: Duration = Duration::from_secs(20 * 60);
+    pub const UMOUNT: Duration = Duration::from_secs(60);
+}
+
+/// `45 min`, `90 s`, `0.3 s`: the bound as the error message names it.
+fn format_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    if secs >= 120 && secs.is_multiple_of(60) {
+        format!("{} min", secs / 60)
+    } else if d.subsec_millis() == 0 {
+        format!("{secs} s")
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
 
 /// Kernel command line of the built image (root is the whole virtio disk, no partition table).
 pub const DEBIAN12_CMDLINE: &str = "root=/dev/vda rw console=ttyS0 ds=nocloud net.ifnames=0";
@@ -213,6 +239,9 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
             what: format!("`{bad}` is not a Debian package name"),
         });
     }
+    // Held for the whole build: a second build waits and then finds this one, and a `klab up` that
+    // needs the image waits for it instead of downloading over it.
+    let lock = cache.lock(key);
     if !opts.force
         && let Some(found) = existing_build(cache, key, started)?
     {
@@ -224,6 +253,14 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
     }
     if !is_root() {
         return Err(ImageError::NotRoot);
+    }
+    let _lock = lock?;
+    let dest = cache.base_path(key);
+    if dest.is_file() {
+        cache.refuse_if_in_use(key, &dest, "a rebuild would replace it")?;
+    }
+    for path in [&dest, &cache.kernel_path(key), &cache.initrd_path(key)] {
+        remove_stale_parts(path);
     }
     for (tool, package) in [
         ("debootstrap", "debootstrap"),
@@ -269,6 +306,7 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
             .arg(SUITE)
             .arg(&b.rootfs)
             .arg(&mirror),
+        bounds::DEBOOTSTRAP,
     )?;
     tracing::info!(
         "image `{key}`: debootstrap done in {:.1}s",
@@ -304,17 +342,21 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
             .args(["-q", "-F", "-L", "root", "-d"])
             .arg(&b.rootfs)
             .arg(&raw),
+        bounds::MKFS,
     )?;
-    let dest = cache.base_path(key);
-    let qcow_part = part_path(&dest);
+    let qcow_part = unique_part_path(&dest);
     let mut convert = Command::new("qemu-img");
     convert.args(["convert", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1"]);
     if opts.compress {
         convert.arg("-c");
     }
-    b.run("qemu-img convert", convert.arg(&raw).arg(&qcow_part))?;
-    let kernel_part = part_path(&cache.kernel_path(key));
-    let initrd_part = part_path(&cache.initrd_path(key));
+    b.run(
+        "qemu-img convert",
+        convert.arg(&raw).arg(&qcow_part),
+        bounds::CONVERT,
+    )?;
+    let kernel_part = unique_part_path(&cache.kernel_path(key));
+    let initrd_part = unique_part_path(&cache.initrd_path(key));
     copy_0644(
         key,
         &b.rootfs.join(format!("boot/vmlinuz-{kver}")),
@@ -486,13 +528,16 @@ impl Drop for WorkDir {
         let mut mounts = mounts_under(&self.path);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.as_os_str().len()));
         for m in &mounts {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(m)
-                .env("PATH", PATH_ENV)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let umount = command::run_bounded(
+                Command::new("umount")
+                    .arg("-l")
+                    .arg(m)
+                    .env("PATH", PATH_ENV),
+                bounds::UMOUNT,
+            );
+            if let Err(e) = umount {
+                tracing::warn!("umount -l {}: {e:?}", m.display());
+            }
         }
         let left = mounts_under(&self.path);
         if !left.is_empty() {
@@ -556,25 +601,32 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    /// Runs a command, keeping its output for the error message.
-    fn run(&self, step: &str, cmd: &mut Command) -> Result<String, ImageError> {
-        let out = cmd
-            .env("PATH", PATH_ENV)
+    /// Runs a command for at most `bound`, keeping its output for the error message.
+    fn run(&self, step: &str, cmd: &mut Command, bound: Duration) -> Result<String, ImageError> {
+        cmd.env("PATH", PATH_ENV)
             .env("LC_ALL", "C")
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| ImageError::Spawn {
-                key: self.key.to_string(),
-                step: step.to_string(),
-                source,
-            })?;
-        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.push_str(&String::from_utf8_lossy(&out.stderr));
+            .env("DEBIAN_FRONTEND", "noninteractive");
+        let out = match command::run_bounded(cmd, bound) {
+            Ok(out) => out,
+            Err(RunError::TimedOut) => {
+                return Err(ImageError::Timeout {
+                    key: self.key.to_string(),
+                    step: step.to_string(),
+                    bound: format_bound(bound),
+                });
+            }
+            Err(RunError::Spawn(source) | RunError::Io(source)) => {
+                return Err(ImageError::Spawn {
+                    key: self.key.to_string(),
+                    step: step.to_string(),
+                    source,
+                });
+            }
+        };
         if out.status.success() {
-            return Ok(text);
+            return Ok(out.output);
         }
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = out.output.lines().collect();
         let tail = lines[lines.len().saturating_sub(25)..].join("\n");
         Err(ImageError::Command {
             key: self.key.to_string(),
@@ -584,8 +636,12 @@ impl Builder<'_> {
         })
     }
 
-    fn chroot(&self, step: &str, args: &[&str]) -> Result<String, ImageError> {
-        self.run(step, Command::new("chroot").arg(&self.rootfs).args(args))
+    fn chroot(&self, step: &str, args: &[&str], bound: Duration) -> Result<String, ImageError> {
+        self.run(
+            step,
+            Command::new("chroot").arg(&self.rootfs).args(args),
+            bound,
+        )
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -695,6 +751,7 @@ impl Builder<'_> {
                 "systemd-networkd.service",
                 "systemd-resolved.service",
             ],
+            bounds::CHROOT_SHORT,
         )?;
         self.symlink(
             "../run/systemd/resolve/stub-resolv.conf",
@@ -758,7 +815,7 @@ impl Builder<'_> {
         for dir in TRIMMED_MODULE_DIRS {
             self.remove(&format!("/lib/modules/{kver}/{dir}"))?;
         }
-        self.chroot("depmod", &["depmod", "-a", kver])?;
+        self.chroot("depmod", &["depmod", "-a", kver], bounds::CHROOT_SHORT)?;
         Ok(())
     }
 
@@ -773,7 +830,11 @@ impl Builder<'_> {
             "/etc/initramfs-tools/modules",
             "virtio_pci\nvirtio_blk\nvirtio_net\nvirtio_scsi\next4\ncrc32c_generic\n",
         )?;
-        self.chroot("update-initramfs", &["update-initramfs", "-u", "-k", kver])?;
+        self.chroot(
+            "update-initramfs",
+            &["update-initramfs", "-u", "-k", kver],
+            bounds::INITRAMFS,
+        )?;
         Ok(())
     }
 
@@ -952,6 +1013,53 @@ mod tests {
         fs::write(path.join("rootfs/etc/hostname"), "x").unwrap();
         drop(work);
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_build_step_past_its_bound_is_killed_and_named() {
+        let b = Builder {
+            key: "debian-12",
+            rootfs: PathBuf::from("/nonexistent"),
+        };
+        let started = Instant::now();
+        let err = b
+            .run(
+                "sleep",
+                Command::new("sleep").arg("30"),
+                Duration::from_millis(300),
+            )
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, ImageError::Timeout { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "image `debian-12`: `sleep` did not finish within 0.3 s and was killed"
+            ),
+            "{msg}"
+        );
+        // A step within its bound reports its output or its failure as before.
+        assert_eq!(
+            b.run(
+                "echo",
+                Command::new("echo").arg("hi"),
+                Duration::from_secs(20)
+            )
+            .unwrap(),
+            "hi\n"
+        );
+        let msg = b
+            .run("false", &mut Command::new("false"), Duration::from_secs(20))
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`false` failed (exit status: 1)"), "{msg}");
+    }
+
+    #[test]
+    fn bounds_are_named_readably() {
+        assert_eq!(format_bound(Duration::from_secs(45 * 60)), "45 min");
+        assert_eq!(format_bound(Duration::from_secs(60)), "60 s");
+        assert_eq!(format_bound(Duration::from_millis(300)), "0.3 s");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Verified downloads into the cache: stream to `<key>.qcow2.part` while hashing, check, rename.
+//! Verified downloads into the cache: stream to a `.part` file unique to this process while hashing,
+//! check, rename, then hash what is on disk once more. The caller holds the image's lock.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -7,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::checksum::{self, ChecksumKind, Hasher};
-use super::{ImageCache, ImageError, Progress, download_hint, download_meta, part_path};
+use super::{
+    ImageCache, ImageError, Progress, download_hint, download_meta, hash_file, remove_stale_parts,
+    unique_part_path,
+};
 
 /// What to download and how to verify it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,7 +106,9 @@ pub(super) fn download(
     };
 
     let dest = cache.base_path(key);
-    let part = part_path(&dest);
+    remove_stale_parts(&dest);
+    remove_stale_parts(&cache.meta_path(key));
+    let part = unique_part_path(&dest);
     tracing::info!("image `{key}`: downloading {url}");
     let response = agent
         .get(url)
@@ -166,11 +172,34 @@ pub(super) fn download(
         ));
     }
     fs::set_permissions(&part, fs::Permissions::from_mode(0o644)).map_err(write_err)?;
+    // Metadata of an older file must not vouch for the new one, even for a moment.
+    match fs::remove_file(cache.meta_path(key)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(ImageError::Write {
+                path: cache.meta_path(key),
+                source,
+            });
+        }
+    }
     fs::rename(&part, &dest).map_err(|source| ImageError::Write {
         path: dest.clone(),
         source,
     })?;
     guard.armed = false;
+    // The stream's hash says what arrived; what counts is what the overlays will read.
+    let on_disk = hash_file(key, &dest, kind)?;
+    if on_disk != expected {
+        let _ = fs::remove_file(&dest);
+        return Err(ImageError::ChangedOnDisk {
+            key: key.to_string(),
+            path: dest,
+            kind: kind.as_str(),
+            expected,
+            actual: on_disk,
+        });
+    }
     cache.write_meta(&download_meta(key, url, kind, &expected, &dest)?)?;
     tracing::info!("image `{key}`: verified {} {expected}", kind.as_str());
     Ok(dest)

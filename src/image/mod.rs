@@ -5,6 +5,7 @@
 
 mod build;
 pub mod checksum;
+mod command;
 mod download;
 mod progress;
 
@@ -12,7 +13,8 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -117,6 +119,42 @@ pub enum ImageError {
         status: String,
         tail: String,
     },
+    #[error(
+        "image `{key}`: `{step}` did not finish within {bound} and was killed\n  hint: a slow Debian mirror or disk can do this; check the host (load, disk, `KLAB_DEBIAN_MIRROR`) and run `klab image build` again"
+    )]
+    Timeout {
+        key: String,
+        step: String,
+        bound: String,
+    },
+    #[error(
+        "image `{key}`: {} does not match what the lab asks for ({reason}), and overlays still use it as their base: {}\n  hint: `klab down` the labs using it first, or give the new image its own key in [images.<key>]",
+        path.display(),
+        users.join(", ")
+    )]
+    InUse {
+        key: String,
+        path: PathBuf,
+        reason: String,
+        users: Vec<String>,
+    },
+    #[error(
+        "image `{key}`: another klab still holds {} after {waited}\n  hint: another `klab up` or `klab image build` is downloading or building this image; wait for it or stop it",
+        path.display()
+    )]
+    Locked {
+        key: String,
+        path: PathBuf,
+        waited: String,
+    },
+    #[error("image `{key}`: {} changed on disk after its download was verified: expected {kind} {expected}, found {actual} (removed)", path.display())]
+    ChangedOnDisk {
+        key: String,
+        path: PathBuf,
+        kind: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error("image `{key}`: {what}")]
     Build { key: String, what: String },
 }
@@ -131,8 +169,8 @@ pub enum Origin {
     Built,
 }
 
-/// `<key>.json` next to `<key>.qcow2`: what the file is and how it was verified. Size and mtime let
-/// later runs trust the file without hashing it again.
+/// `<key>.json` next to `<key>.qcow2`: what the file is and how it was verified. Size and mtime tell
+/// whether the record still describes the file; reuse also hashes it against `checksum`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageMeta {
     pub key: String,
@@ -172,15 +210,62 @@ impl ImageMeta {
     }
 }
 
+/// How long a second klab waits for the image another one is downloading or building: longer than
+/// the download's own bound (one hour for the body) and than a build.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(2 * 3600);
+
 /// The image cache directory.
+///
+/// Safe for several klab processes at once: every change to `<key>.*` happens under the per-image lock
+/// `.locks/<key>.lock`, downloads go to a `.part` file unique to the process, what ends up on disk is
+/// hashed again after the rename, and an image that overlays in the pools next to the cache
+/// (`<root>/../pools/*/*.qcow2`) use as their base is never replaced.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageCache {
     root: PathBuf,
+    overlay_root: PathBuf,
+    lock_wait: Duration,
+}
+
+/// Holds the per-image lock until dropped (closing the file releases it).
+#[derive(Debug)]
+pub struct ImageLock {
+    _file: fs::File,
+}
+
+/// What the cache holds for a key, compared with what a lab asks for.
+enum Cached {
+    Usable(PathBuf),
+    Absent,
+    /// A file is there but it is not the one asked for (why, in words).
+    Stale(String),
 }
 
 impl ImageCache {
+    /// A cache at `root`; overlays are looked for in `<root>/../pools` (the `KLAB_DATA_DIR` layout).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        let root = root.into();
+        let overlay_root = root
+            .parent()
+            .map(|p| p.join("pools"))
+            .unwrap_or_else(|| PathBuf::from("pools"));
+        Self {
+            root,
+            overlay_root,
+            lock_wait: DEFAULT_LOCK_WAIT,
+        }
+    }
+
+    /// Where the per-lab pool directories (`<dir>/<lab>/*.qcow2`) are.
+    pub fn with_overlay_root(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.overlay_root = dir.into();
+        self
+    }
+
+    /// How long [`ImageCache::lock`] waits for another holder.
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     /// `$KLAB_DATA_DIR/images`, else `/var/lib/klab/images`.
@@ -226,6 +311,83 @@ impl ImageCache {
         };
         fs::create_dir_all(&self.root).map_err(write_err)?;
         fs::set_permissions(&self.root, fs::Permissions::from_mode(0o755)).map_err(write_err)
+    }
+
+    pub fn lock_path(&self, key: &str) -> PathBuf {
+        self.root.join(".locks").join(format!("{key}.lock"))
+    }
+
+    /// Takes the lock of image `key`, waiting at most the cache's lock wait for another holder.
+    pub fn lock(&self, key: &str) -> Result<ImageLock, ImageError> {
+        self.create_root()?;
+        let path = self.lock_path(key);
+        let write_err = |source| ImageError::Write {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(write_err)?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(write_err)?;
+        let started = Instant::now();
+        let mut told = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(ImageLock { _file: file }),
+                Err(fs::TryLockError::WouldBlock) => {}
+                Err(fs::TryLockError::Error(source)) => return Err(write_err(source)),
+            }
+            if started.elapsed() >= self.lock_wait {
+                return Err(ImageError::Locked {
+                    key: key.to_string(),
+                    path,
+                    waited: format!("{:.1} s", started.elapsed().as_secs_f64()),
+                });
+            }
+            if !told {
+                tracing::info!("image `{key}`: waiting for another klab to finish with it");
+                told = true;
+            }
+            std::thread::sleep(Duration::from_millis(50).min(self.lock_wait));
+        }
+    }
+
+    /// Overlays in the pool directories whose qcow2 backing file is `base`.
+    pub fn overlays_using(&self, base: &Path) -> Vec<PathBuf> {
+        let want = fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        let mut users = Vec::new();
+        let Ok(pools) = fs::read_dir(&self.overlay_root) else {
+            return users;
+        };
+        let mut dirs: Vec<PathBuf> = pools.flatten().map(|e| e.path()).collect();
+        dirs.sort();
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "qcow2"))
+                .collect();
+            files.sort();
+            for file in files {
+                let Some(backing) = qcow2_backing_file(&file) else {
+                    continue;
+                };
+                let backing = dir.join(backing);
+                let backing = fs::canonicalize(&backing).unwrap_or(backing);
+                if backing == want {
+                    users.push(file);
+                }
+            }
+        }
+        users
     }
 
     /// Metadata of a cached image; `None` when there is none.
@@ -349,58 +511,137 @@ impl ImageCache {
         self.fetch(&spec.key, &source, progress)
     }
 
-    /// The cached file for `key` if it can be trusted for `source` without a download.
-    fn cached(&self, key: &str, source: &Source) -> Result<Option<PathBuf>, ImageError> {
+    /// What the cache holds for `key`, judged against `source`. A file is reused only after its bytes
+    /// on disk hash to the recorded digest (about a second per GiB); a file without a matching record
+    /// is hashed when the lab gives the expected digest.
+    fn cached(&self, key: &str, source: &Source) -> Result<Cached, ImageError> {
         let path = self.base_path(key);
         if !path.is_file() {
-            return Ok(None);
+            return Ok(Cached::Absent);
         }
-        if let Some(meta) = self.meta(key)?
+        let meta = self.meta(key)?;
+        if let Some(meta) = &meta
             && meta.matches_file(&path)
         {
-            let usable = match meta.source {
-                Origin::Built => true,
-                Origin::Download => {
-                    meta.url.as_deref() == Some(source.url())
-                        && match source {
-                            // A published "latest" checksum can move on; the verified copy stays valid.
-                            Source::ChecksumFile { .. } => true,
-                            Source::Digest { kind, hex, .. } => {
-                                meta.checksum_kind == kind.as_str() && meta.checksum == *hex
-                            }
-                        }
-                }
+            let verdict = match meta.source {
+                Origin::Built => None,
+                Origin::Download if meta.url.as_deref() != Some(source.url()) => Some(format!(
+                    "it was downloaded from {}, the lab names {}",
+                    meta.url.as_deref().unwrap_or("?"),
+                    source.url()
+                )),
+                // A published "latest" checksum can move on; the verified copy stays valid.
+                Origin::Download => match source {
+                    Source::ChecksumFile { .. } => None,
+                    Source::Digest { kind, hex, .. }
+                        if meta.checksum_kind == kind.as_str() && meta.checksum == *hex =>
+                    {
+                        None
+                    }
+                    Source::Digest { kind, hex, .. } => Some(format!(
+                        "it has {} {}, the lab asks for {} {hex}",
+                        meta.checksum_kind,
+                        meta.checksum,
+                        kind.as_str()
+                    )),
+                },
             };
-            if usable {
-                tracing::debug!("image `{key}`: using cached {}", path.display());
-                return Ok(Some(path));
+            if let Some(why) = verdict {
+                return Ok(Cached::Stale(why));
             }
-            return Ok(None);
+            // The right file by its record; make sure the bytes on disk still are what was verified.
+            let kind = ChecksumKind::from_name(&meta.checksum_kind).unwrap_or(ChecksumKind::Sha256);
+            let actual = hash_file(key, &path, kind)?;
+            if actual != meta.checksum {
+                return Ok(Cached::Stale(format!(
+                    "its {} is {actual}, not the {} recorded when it was verified",
+                    kind.as_str(),
+                    meta.checksum
+                )));
+            }
+            tracing::debug!("image `{key}`: using cached {} (verified)", path.display());
+            return Ok(Cached::Usable(path));
         }
-        // A file placed by hand with a known digest: hash it once and remember the result.
+        // A file placed by hand (or changed since it was verified) with a known digest: hash it.
         if let Source::Digest { url, kind, hex } = source {
             let actual = hash_file(key, &path, *kind)?;
             if actual == *hex {
                 self.write_meta(&download_meta(key, url, *kind, hex, &path)?)?;
-                return Ok(Some(path));
+                return Ok(Cached::Usable(path));
             }
+            return Ok(Cached::Stale(format!(
+                "its {} is {actual}, the lab asks for {hex}",
+                kind.as_str()
+            )));
         }
-        Ok(None)
+        Ok(Cached::Stale(if meta.is_some() {
+            "it changed since it was verified".into()
+        } else {
+            "nothing records where it came from".into()
+        }))
     }
 
-    /// Returns the verified cached copy of `source` under `key`, downloading it when needed.
+    /// Returns the verified cached copy of `source` under `key`, downloading it when needed. Holds
+    /// the image's lock throughout; refuses to replace a file that overlays use.
     pub fn fetch(
         &self,
         key: &str,
         source: &Source,
         progress: &dyn Progress,
     ) -> Result<PathBuf, ImageError> {
-        if let Some(path) = self.cached(key, source)? {
-            return Ok(path);
+        let _lock = self.lock(key)?;
+        match self.cached(key, source)? {
+            Cached::Usable(path) => return Ok(path),
+            Cached::Absent => {}
+            Cached::Stale(reason) => {
+                let path = self.base_path(key);
+                self.refuse_if_in_use(key, &path, &reason)?;
+                tracing::info!("image `{key}`: replacing {} ({reason})", path.display());
+            }
         }
-        self.create_root()?;
         download::download(self, key, source, progress)
     }
+
+    /// [`ImageError::InUse`] when overlays use `path` as their base.
+    pub(crate) fn refuse_if_in_use(
+        &self,
+        key: &str,
+        path: &Path,
+        reason: &str,
+    ) -> Result<(), ImageError> {
+        let users = self.overlays_using(path);
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ImageError::InUse {
+            key: key.to_string(),
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+            users: users.iter().map(|u| u.display().to_string()).collect(),
+        })
+    }
+}
+
+/// The backing file name recorded in a qcow2 header (`None`: not qcow2, or no backing file).
+pub fn qcow2_backing_file(path: &Path) -> Option<PathBuf> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::ffi::OsStringExt;
+    let mut file = fs::File::open(path).ok()?;
+    let mut header = [0u8; 20];
+    file.read_exact(&mut header).ok()?;
+    if &header[..4] != QCOW2_MAGIC {
+        return None;
+    }
+    let offset = u64::from_be_bytes(header[8..16].try_into().ok()?);
+    let len = u32::from_be_bytes(header[16..20].try_into().ok()?);
+    // The qcow2 spec caps the name at 1023 bytes.
+    if offset == 0 || len == 0 || len > 1023 {
+        return None;
+    }
+    file.seek(SeekFrom::Start(offset)).ok()?;
+    let mut name = vec![0u8; len as usize];
+    file.read_exact(&mut name).ok()?;
+    Some(PathBuf::from(std::ffi::OsString::from_vec(name)))
 }
 
 /// Accepts `abc…`, `ABC…` and `sha256:abc…`.
@@ -467,7 +708,7 @@ fn download_meta(
     })
 }
 
-/// Hashes a whole file (used once per file; later runs trust size + mtime).
+/// Hashes a whole file as it is on disk.
 pub fn hash_file(key: &str, path: &Path, kind: ChecksumKind) -> Result<String, ImageError> {
     let read_err = |source| ImageError::Read {
         key: key.to_string(),
@@ -489,7 +730,7 @@ pub fn hash_file(key: &str, path: &Path, kind: ChecksumKind) -> Result<String, I
 
 /// Writes `bytes` to `path` through a `.part` file and a rename, mode 0644.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let part = part_path(path);
+    let part = unique_part_path(path);
     let write_err = |source| ImageError::Write {
         path: path.to_path_buf(),
         source,
@@ -503,6 +744,34 @@ pub(crate) fn part_path(path: &Path) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(".part");
     PathBuf::from(s)
+}
+
+/// `<path>.part-<pid>-<n>`: no two writers, in this process or another, share a partial file.
+pub(crate) fn unique_part_path(path: &Path) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut s = part_path(path).into_os_string();
+    s.push(format!(
+        "-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    PathBuf::from(s)
+}
+
+/// Removes `<path>.part*` left by a klab that died mid-write. Call only under the image's lock.
+pub(crate) fn remove_stale_parts(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".part");
+    let prefix = prefix.to_string_lossy().into_owned();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            tracing::debug!("removing stale {}", entry.path().display());
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// What the first bytes of a disk image say it is.

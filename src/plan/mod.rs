@@ -405,7 +405,7 @@ mod tests {
         assert_eq!(cp1.console_log, "/var/lib/klab/console/klab-demo-cp1.log");
         let cluster = p.network("cluster").expect("cluster");
         assert_eq!(cluster.name, "klab-demo-cluster");
-        assert_eq!(cluster.bridge, names::bridge_name("demo", "cluster"));
+        assert_eq!(cluster.bridge, "kl-e50b38c9");
         assert_eq!(cluster.host_ip, Some(Ipv4Addr::new(10, 10, 1, 1)));
         assert_eq!(cluster.netmask, Ipv4Addr::new(255, 255, 255, 0));
         assert_eq!(
@@ -422,7 +422,7 @@ mod tests {
         let w1 = p.node("w1").expect("w1");
         let ifnames: Vec<&str> = w1.nics.iter().map(|n| n.ifname.as_str()).collect();
         assert_eq!(ifnames, ["ext0", "lab0", "net2"]);
-        assert_eq!(w1.nics[0].mac, mac::mac("demo", "w1", 0));
+        assert_eq!(w1.nics[0].mac, "52:54:00:80:11:24");
         assert_eq!(w1.nics[0].libvirt_network, "klab-demo-outside");
         assert_eq!(w1.nics[0].gateway, Some(Ipv4Addr::new(192, 168, 150, 1)));
         // NAT without explicit DNS: libvirt's forwarder on the gateway.

@@ -140,6 +140,10 @@ fn up_reconcile_and_down_on_real_qemu() {
     assert_eq!(report["changed"], true);
     assert_eq!(report["accelerator"], "qemu");
     assert_eq!(report["nodes"].as_array().unwrap().len(), plan.nodes.len());
+    super::modes::assert_private_modes(
+        &klab::paths::pool_dir(&name),
+        &klab::paths::state_root().join(&name),
+    );
 
     // 2. From inside every guest: hostname, static addresses, the one default route, the host key.
     let state = klab::paths::state_root().join(&name);

@@ -1,6 +1,6 @@
 //! Rendered files checked by the real tools: `virt-xml-validate` (libvirt's schemas) for every XML,
 //! `cloud-init schema` for user-data and `cloud-init devel net-convert` for network-config.
-//! A missing tool fails the test unless `KLAB_SKIP_VALIDATORS=1`.
+//! A missing tool fails the test unless `KLAB_TEST_ALLOW_MISSING_TOOLS=1` (see tools.rs).
 
 use std::path::Path;
 use std::process::Command;
@@ -9,31 +9,30 @@ use klab::plan::{self, fixtures};
 use klab::render::{self, Templates};
 
 use super::labs_plan::{cases, render_with_test_keys};
+use super::tools;
 
-fn skip_validators() -> bool {
-    std::env::var("KLAB_SKIP_VALIDATORS").is_ok_and(|v| v == "1")
-}
-
-/// Run a validator; `Ok(false)` when the tool is absent and skipping is allowed.
+/// Run a validator; `false` when the tool is absent and the opt-out is set.
 fn run(tool: &str, args: &[&str], what: &str) -> bool {
-    match Command::new(tool).args(args).output() {
-        Ok(out) => {
-            assert!(
-                out.status.success(),
-                "{tool} rejected {what}:\nstdout: {}\nstderr: {}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            true
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && skip_validators() => {
-            eprintln!("render_validate: {tool} not installed, skipped (KLAB_SKIP_VALIDATORS=1)");
-            false
-        }
-        Err(e) => panic!(
-            "cannot run {tool} ({e}); install it (Debian: libvirt-clients / cloud-init) or set KLAB_SKIP_VALIDATORS=1"
-        ),
-    }
+    let found = match tool {
+        // virt-xml-validate is a shell script around xmllint, which libvirt-clients does not pull in.
+        "virt-xml-validate" => tools::require(tool, "libvirt-clients")
+            .and_then(|p| tools::require("xmllint", "libxml2-utils").map(|_| p)),
+        _ => tools::require(tool, tool),
+    };
+    let Some(path) = found else {
+        return false;
+    };
+    let out = Command::new(&path)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "{tool} rejected {what}:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
 }
 
 fn xml_kind(path: &str) -> Option<&'static str> {

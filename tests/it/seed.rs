@@ -1,8 +1,11 @@
-//! The vfat seed as the host tools see it: blkid label/type and a clean read-only fsck.
+//! The vfat seed as the host tools see it: blkid label/type, a clean read-only fsck, mtools' listing.
+//! A missing tool fails these tests unless `KLAB_TEST_ALLOW_MISSING_TOOLS=1` (see tools.rs).
 
 use std::process::Command;
 
 use klab::seed::build_vfat_seed;
+
+use super::tools;
 
 fn seed_files() -> Vec<(&'static str, &'static [u8])> {
     vec![
@@ -21,17 +24,9 @@ fn seed_files() -> Vec<(&'static str, &'static [u8])> {
     ]
 }
 
-fn tool(name: &str) -> Option<String> {
-    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
-        .iter()
-        .map(|d| format!("{d}/{name}"))
-        .find(|p| std::path::Path::new(p).exists())
-}
-
 #[test]
 fn blkid_sees_cidata_vfat() {
-    let Some(blkid) = tool("blkid") else {
-        eprintln!("skipping: blkid not installed");
+    let Some(blkid) = tools::require("blkid", "util-linux") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -51,8 +46,7 @@ fn blkid_sees_cidata_vfat() {
 
 #[test]
 fn fsck_vfat_finds_no_errors_and_lists_the_files() {
-    let Some(fsck) = tool("fsck.vfat") else {
-        eprintln!("skipping: fsck.vfat not installed");
+    let Some(fsck) = tools::require("fsck.vfat", "dosfstools") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -76,8 +70,7 @@ fn fsck_vfat_finds_no_errors_and_lists_the_files() {
 
 #[test]
 fn mtools_listing_shows_long_names() {
-    let Some(mdir) = tool("mdir") else {
-        eprintln!("skipping: mtools not installed");
+    let Some(mdir) = tools::require("mdir", "mtools") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
