@@ -13,3 +13,4 @@ mod purity;
 mod render_validate;
 mod seed;
 mod ssh;
+mod standin_repo;
