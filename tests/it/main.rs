@@ -1,6 +1,7 @@
 //! The one integration-test binary: whole-program behaviour.
 
 mod backend_test_driver;
+mod calico;
 mod cli;
 mod e2e;
 mod exec_fake;
