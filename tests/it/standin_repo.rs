@@ -446,3 +446,172 @@ fn standin_repo_is_signed_and_resolved_by_apt_through_klabs_package_phases() {
          kubeadm 'config' 'images' 'list' '--kubernetes-version' 'v1.36.4'\n"
     );
 }
+
+/// The text of the file op at `path` on `node` in `phase` of a resolved (rendered) plan.
+fn rendered_file(p: &ProvisionPlan, phase: PhaseId, node: &str, path: &str) -> String {
+    p.phase(phase)
+        .and_then(|ph| ph.node(node))
+        .into_iter()
+        .flat_map(|n| n.ops.iter())
+        .find_map(|op| match op {
+            Op::File(f) if f.path == path => match &f.content {
+                FileContent::Text { text } => Some(text.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no rendered {path} for {node} in {}", phase.as_str()))
+}
+
+#[test]
+fn standin_kubeadm_takes_klabs_rendered_configs() {
+    let mut tools = BUILD_TOOLS.to_vec();
+    tools.push(("openssl", "openssl"));
+    if !tools_present(&tools) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let deb_dir = build(&tmp.path().join("www"), "k8s");
+    let inst = tmp.path().join("inst");
+    let o = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(deb_dir.join("amd64/kubeadm_1.36.4-1.1_amd64.deb"))
+        .arg(&inst)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let kubeadm = inst.join("usr/bin/kubeadm");
+
+    // klab's rendered kubeadm configs for quickstart (cp1 inits, w1 joins), markers filled in as
+    // the runner would.
+    let src =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("labs/quickstart.toml"))
+            .unwrap();
+    let lab = klab::config::parse_str(&src, "labs/quickstart.toml").unwrap();
+    let plan = super::labs_plan::plan_with_test_keys(&lab);
+    let t = klab::render::Templates::builtin().unwrap();
+    let p = klab::render::resolve_provision(&plan, &t)
+        .expect("render")
+        .expect("a Kubernetes lab");
+    let fill = |s: String| {
+        s.replace("${klab:bootstrap-token}", "abcdef.0123456789abcdef")
+            .replace("${klab:certificate-key}", &"ab".repeat(32))
+            .replace(
+                "${klab:ca-cert-hash}",
+                &format!("sha256:{}", "cd".repeat(32)),
+            )
+            .replace("${klab:kubernetes-version}", "1.36.4")
+    };
+    let init = fill(rendered_file(
+        &p,
+        PhaseId::KubeadmInit,
+        "cp1",
+        provision::INIT_CONFIG,
+    ));
+    let join = fill(rendered_file(
+        &p,
+        PhaseId::JoinWorkers,
+        "w1",
+        provision::JOIN_CONFIG,
+    ));
+    assert!(!init.contains("${klab:") && !join.contains("${klab:"));
+    let init_file = tmp.path().join("init.yaml");
+    let join_file = tmp.path().join("join.yaml");
+    std::fs::write(&init_file, &init).unwrap();
+    std::fs::write(&join_file, &join).unwrap();
+
+    let run = |root: &Path, args: &[&str]| {
+        Command::new(&kubeadm)
+            .args(args)
+            .env("KLAB_STANDIN_ROOT", root)
+            .output()
+            .unwrap()
+    };
+    // The first control plane: klab's CA is in place before init, as the kubeadm-init phase has it.
+    let cp1 = tmp.path().join("cp1");
+    std::fs::create_dir_all(cp1.join("etc/kubernetes/pki")).unwrap();
+    let o = run(&cp1, &["init", "--config", init_file.to_str().unwrap()]);
+    assert!(!o.status.success(), "init without klab's CA must fail");
+    let o = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=kubernetes", "-keyout"])
+        .arg(cp1.join("etc/kubernetes/pki/ca.key"))
+        .arg("-out")
+        .arg(cp1.join("etc/kubernetes/pki/ca.crt"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let init_args = [
+        "init",
+        "--config",
+        init_file.to_str().unwrap(),
+        "--upload-certs",
+    ];
+    let o = run(&cp1, &init_args);
+    assert!(o.status.success(), "init: {}", text(&o));
+    let admin = std::fs::read_to_string(cp1.join("etc/kubernetes/admin.conf")).unwrap();
+    let endpoint = &plan.kubernetes.as_ref().unwrap().control_plane_endpoint;
+    assert!(
+        admin.contains(&format!("    server: https://{endpoint}\n")),
+        "{admin}"
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &str| std::fs::metadata(cp1.join(p)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("etc/kubernetes/admin.conf"), 0o600);
+        assert_eq!(mode("etc/kubernetes/pki/apiserver.key"), 0o600);
+    }
+    for f in [
+        "etc/kubernetes/super-admin.conf",
+        "etc/kubernetes/kubelet.conf",
+        "etc/kubernetes/manifests/kube-apiserver.yaml",
+        "etc/kubernetes/manifests/etcd.yaml",
+        "etc/kubernetes/pki/apiserver.crt",
+        "etc/kubernetes/pki/etcd/ca.crt",
+        "etc/kubernetes/pki/sa.pub",
+        "etc/kubernetes/pki/front-proxy-ca.crt",
+        "var/log/klab-standin/config-1-init.yaml",
+    ] {
+        assert!(cp1.join(f).is_file(), "{f} missing after init");
+    }
+    assert_eq!(
+        std::fs::read_to_string(cp1.join("var/log/klab-standin/config-1-init.yaml")).unwrap(),
+        init
+    );
+    // A second init is refused, as kubeadm's preflight does.
+    assert!(!run(&cp1, &init_args).status.success());
+
+    // join-credentials: klab's exact command finds the token from the init config.
+    let creds = command(&p, PhaseId::JoinCredentials, "bootstrap token valid");
+    let o = sh(
+        &fill(creds.run.clone()),
+        &format!("{}/usr/bin:/usr/bin:/bin", inst.display()),
+        &[("KLAB_STANDIN_ROOT", cp1.to_str().unwrap())],
+    );
+    assert!(o.status.success(), "token check: {}", text(&o));
+    let o = run(&cp1, &["token", "list", "-o", "jsonpath={.token}{\"\\n\"}"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "abcdef.0123456789abcdef\n"
+    );
+
+    // A worker joins once; a second join on the same node is refused.
+    let w1 = tmp.path().join("w1");
+    let join_args = ["join", "--config", join_file.to_str().unwrap()];
+    let o = run(&w1, &join_args);
+    assert!(o.status.success(), "join: {}", text(&o));
+    let kubelet = std::fs::read_to_string(w1.join("etc/kubernetes/kubelet.conf")).unwrap();
+    assert!(
+        kubelet.contains(&format!("    server: https://{endpoint}\n")),
+        "{kubelet}"
+    );
+    assert!(!w1.join("etc/kubernetes/admin.conf").exists());
+    assert!(!run(&w1, &join_args).status.success());
+}
