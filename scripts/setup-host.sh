@@ -37,7 +37,7 @@ log "installing packages"
 apt-get install -y -qq -o Dpkg::Options::=--force-confold \
   libvirt-daemon-system libvirt-clients libvirt-dev pkg-config \
   debootstrap dosfstools mtools e2fsprogs \
-  cloud-init iproute2 openssh-client bc libxml2-utils procps >/dev/null
+  cloud-init iproute2 openssh-client bc libxml2-utils procps apt-utils >/dev/null
 apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
 
 # libvirt writes every network's `<bridge>.macs` file into /var/lib/libvirt/dnsmasq when a domain

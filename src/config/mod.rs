@@ -155,10 +155,24 @@ pub struct Checked {
     pub warnings: Vec<Diagnostic>,
 }
 
-/// Like [`load_file`], keeping the warnings.
+/// Like [`load_file`], keeping the warnings. A relative `calico-manifest` is resolved against the
+/// lab file's directory (as `path` is written: a relative lab path gives a path relative to the
+/// working directory, like the lab path itself).
 pub fn check_file(path: &Path) -> Result<Checked, LoadError> {
     let bytes = read_bounded(path)?;
-    Ok(check_bytes(&bytes, &path.display().to_string())?)
+    let mut checked = check_bytes(&bytes, &path.display().to_string())?;
+    let dir = path.parent().unwrap_or(Path::new(""));
+    if let Some(k) = checked.lab.kubernetes.as_mut()
+        && let Some(m) = k.calico_manifest.take()
+    {
+        k.calico_manifest = Some(resolve_against(dir, &m));
+    }
+    Ok(checked)
+}
+
+/// `p` when absolute, else `dir/p`. Pure: nothing is read, the path need not exist.
+pub fn resolve_against(dir: &Path, p: &Path) -> std::path::PathBuf {
+    dir.join(p)
 }
 
 /// Parse and validate lab-file text. `file` is the name used in messages. Pure (no I/O).
@@ -663,6 +677,22 @@ path = "/x.qcow2"
                 url: "https://mirror.example/debian.qcow2".into(),
                 sha256: "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into()
             }
+        );
+    }
+
+    #[test]
+    fn calico_manifest_is_resolved_against_the_lab_files_directory() {
+        assert_eq!(
+            resolve_against(Path::new("labs/room"), Path::new("calico/calico.yaml")),
+            Path::new("labs/room/calico/calico.yaml")
+        );
+        assert_eq!(
+            resolve_against(Path::new("labs/room"), Path::new("/srv/calico.yaml")),
+            Path::new("/srv/calico.yaml")
+        );
+        assert_eq!(
+            resolve_against(Path::new(""), Path::new("calico.yaml")),
+            Path::new("calico.yaml")
         );
     }
 

@@ -697,13 +697,20 @@ fn package_repo(c: &Ctx<'_>) -> Phase {
          chmod 0644 {APT_KEYRING}.new && mv {APT_KEYRING}.new {APT_KEYRING}",
         sh_quote(&deb_key)
     );
+    // `apt-get update` exits 0 when a source is unreachable or its signature does not verify (it
+    // warns and keeps the old lists), so klab's source is read a second time, alone and strictly.
+    // The first, tolerant pass refreshes the distribution's lists for the packages' dependencies.
+    let apt_update = format!(
+        "apt-get update\n\
+         apt-get update --error-on=any -o Dir::Etc::SourceList={APT_SOURCE} -o Dir::Etc::SourceParts=- -o APT::Get::List-Cleanup=0"
+    );
     let long = c.t.command.as_secs();
     let ops = vec![
         run(cmd("fetch the repository key", &fetch_key, long)
             .when(when(value::PKG, "apt"))
             .hint("the node must reach the package repository (set [kubernetes] package-repo and package-key to a mirror for airgapped labs)")),
         put(file(APT_SOURCE, text(&sources), 0o644).when(when(value::PKG, "apt"))),
-        run(cmd("apt-get update", "apt-get update", long)
+        run(cmd("apt-get update", &apt_update, long)
             .when(when(value::PKG, "apt"))
             .hint("apt could not read the Kubernetes repository: check package-repo/package-key and the node's route to it")),
         put(file(DNF_REPO, text(&dnf), 0o644).when(when(value::PKG, "dnf"))),

@@ -1,5 +1,6 @@
 //! Provisioning over SSH: the `Remote` seam, the russh implementation and the step runner.
 
+pub mod calico;
 pub mod identity;
 pub mod recording;
 pub mod runner;

@@ -1,6 +1,7 @@
 //! The one integration-test binary: whole-program behaviour.
 
 mod backend_test_driver;
+mod calico;
 mod cli;
 mod e2e;
 mod exec_fake;
@@ -14,4 +15,5 @@ mod purity;
 mod render_validate;
 mod seed;
 mod ssh;
+mod standin_repo;
 mod tools;
