@@ -2,6 +2,7 @@
 
 mod backend_test_driver;
 mod cli;
+mod crash;
 mod e2e;
 mod exec_fake;
 mod image;
