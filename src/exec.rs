@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -248,6 +249,9 @@ pub struct UpContext {
     pub route_check: Option<RouteCheck>,
     /// Bound for each backend call.
     pub call_timeout: Duration,
+    /// Follow each node's serial console log (local hypervisor) for cloud-init's final message
+    /// before the first SSH attempt; otherwise SSH is retried from boot on.
+    pub follow_console: bool,
 }
 
 /// Apply `up` actions. Pool/network actions first (in order), then node pipelines in parallel.
@@ -390,6 +394,7 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
             seed_hash,
             route_check: ctx.route_check.clone(),
             call_timeout: ctx.call_timeout,
+            follow_console: ctx.follow_console,
             timeline: Mutex::new(Vec::new()),
             t0: Instant::now(),
         };
@@ -467,8 +472,30 @@ struct NodeJob {
     seed_hash: String,
     route_check: Option<RouteCheck>,
     call_timeout: Duration,
+    follow_console: bool,
     timeline: Mutex<Vec<(String, f64)>>,
     t0: Instant,
+}
+
+/// What following a node's serial console gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsoleWait {
+    /// cloud-init printed its final message: one SSH login verifies the node.
+    Finished,
+    /// No console log to follow (missing, or stays empty): wait on SSH instead.
+    Unavailable,
+    /// The log grew but never said "finished" within the SSH timeout: wait on SSH instead.
+    Silent,
+}
+
+/// How long an empty or missing console log is given before klab falls back to SSH.
+const CONSOLE_GRACE: Duration = Duration::from_secs(20);
+const CONSOLE_POLL: Duration = Duration::from_millis(500);
+
+/// cloud-init's `final_message` (`Cloud-init v. 22.4.2 finished at …`) on the console.
+pub fn console_says_finished(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.contains("Cloud-init v.") && l.contains(" finished at "))
 }
 
 impl NodeJob {
@@ -627,6 +654,14 @@ impl NodeJob {
         if let Some(check) = &self.route_check {
             check(self.node.ssh_address, &nic1_bridge).map_err(|e| self.fail("ssh", e))?;
         }
+        if self.follow_console {
+            self.step(progress, "console");
+            let seen = tokio::select! {
+                w = self.wait_console() => w,
+                gone = self.watch_domain() => return Err(self.fail("boot", gone)),
+            };
+            tracing::info!(node = %self.node.name, "console: {seen:?}");
+        }
         self.step(progress, "ssh");
         let target = SshTarget {
             node: self.node.name.clone(),
@@ -696,6 +731,36 @@ impl NodeJob {
         report.ready_seconds = Some(self.t0.elapsed().as_secs_f64());
         self.step(progress, "verified");
         Ok(())
+    }
+
+    /// Follows the serial console log (truncated by libvirt at every domain start, so it holds
+    /// this boot only) until cloud-init's final message, without touching the guest.
+    async fn wait_console(&self) -> ConsoleWait {
+        let path = PathBuf::from(&self.node.console_log);
+        let start = Instant::now();
+        loop {
+            let p = path.clone();
+            let (len, finished) = tokio::task::spawn_blocking(move || match std::fs::read(&p) {
+                Ok(bytes) => (
+                    bytes.len() as u64,
+                    console_says_finished(&String::from_utf8_lossy(&bytes)),
+                ),
+                Err(_) => (0, false),
+            })
+            .await
+            .unwrap_or((0, false));
+            if finished {
+                return ConsoleWait::Finished;
+            }
+            let waited = start.elapsed();
+            if len == 0 && waited >= CONSOLE_GRACE {
+                return ConsoleWait::Unavailable;
+            }
+            if waited >= self.timeouts.ssh {
+                return ConsoleWait::Silent;
+            }
+            tokio::time::sleep(CONSOLE_POLL).await;
+        }
     }
 
     /// Resolves when the node's domain is gone or stopped, so a node deleted while klab waits
@@ -833,6 +898,16 @@ pub async fn apply_down(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_inits_final_message_is_recognised_on_the_console() {
+        let log = "[  OK  ] Started ssh.service\r\n[   41.2] cloud-init[612]: Cloud-init v. 22.4.2 finished at Tue, 01 Dec 2026 20:41:02 +0000. Datasource DataSourceNoCloud [seed=/dev/vdb][dsmode=net].  Up 41.18 seconds\r\n";
+        assert!(console_says_finished(log));
+        assert!(!console_says_finished(
+            "cloud-init[401]: Cloud-init v. 22.4.2 running 'modules:final' at Tue"
+        ));
+        assert!(!console_says_finished(""));
+    }
 
     #[test]
     fn console_tail_strips_escape_sequences_and_keeps_the_end() {

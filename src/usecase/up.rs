@@ -285,6 +285,8 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         seed_hashes: Arc::new(hashes),
         route_check,
         call_timeout: env.call_timeout,
+        // The console log is a file on this host only for a local hypervisor.
+        follow_console: env.host_checks && uri.starts_with("qemu:///"),
     };
     write_access_files(state, &plan, &keys)?;
     match exec::apply_up(&ctx, &todo.actions).await {
