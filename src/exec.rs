@@ -28,8 +28,10 @@ use crate::render::RenderedLab;
 use crate::state::StateDir;
 
 /// How long one libvirt call may take before klab gives up on it (a wedged libvirtd otherwise
-/// hangs klab for good).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// hangs klab for good). Generous: a libvirtd that re-probes QEMU's capabilities on every define
+/// (seen on loaded TCG hosts) takes over a minute for a healthy `define`.
+/// `KLAB_LIBVIRT_TIMEOUT` overrides it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the domain's state is polled while waiting for a node to answer.
 const DOMAIN_POLL: Duration = Duration::from_secs(2);
 

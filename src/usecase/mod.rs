@@ -203,7 +203,7 @@ impl Env {
             ))),
             paths: Paths::from_env(),
             printer,
-            call_timeout: crate::exec::CALL_TIMEOUT,
+            call_timeout: call_timeout_from_env(),
             host_checks: true,
         }
     }
@@ -239,6 +239,16 @@ impl Env {
             .await
             .map_err(|e| Error::Internal(chain(&e)))
     }
+}
+
+/// `KLAB_LIBVIRT_TIMEOUT` (seconds, for very slow or loaded hosts), else [`crate::exec::CALL_TIMEOUT`].
+fn call_timeout_from_env() -> Duration {
+    std::env::var("KLAB_LIBVIRT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| (1..=86_400).contains(s))
+        .map(Duration::from_secs)
+        .unwrap_or(crate::exec::CALL_TIMEOUT)
 }
 
 /// Resolve `auto`/`kvm`/`qemu` against what the hypervisor offers.
