@@ -16,7 +16,7 @@ use crate::config;
 use crate::model::{Accel, Lab};
 use crate::output::Printer;
 
-pub const DEFAULT_URI: &str = "qemu:///system";
+pub use crate::usecase::DEFAULT_URI;
 
 /// Errors at the CLI edge (the use cases' errors). `exit_code` maps them: 1 = the user can fix
 /// it, 2 = klab failed.

@@ -23,6 +23,10 @@ use crate::reconcile::Refusal;
 
 pub use crate::exec::crash_point;
 
+/// The libvirt URI when neither `--connect`, `KLAB_CONNECT`, `[host] uri` nor the lab's state
+/// names one.
+pub const DEFAULT_URI: &str = "qemu:///system";
+
 /// Errors of the use cases and the CLI. `exit_code` maps them: 1 = the user can fix it, 2 = klab
 /// failed.
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +314,7 @@ pub async fn find_lab(
     let uri = connect
         .map(str::to_string)
         .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
-        .unwrap_or_else(|| crate::commands::DEFAULT_URI.to_string());
+        .unwrap_or_else(|| DEFAULT_URI.to_string());
     let backend = env.connect(&uri).await?;
     let prefix = format!("klab-{}", state.lab());
     let observed = env
