@@ -302,6 +302,16 @@ impl StateDir {
         write_private(&self.dir.join("journal.json"), json.as_bytes())
     }
 
+    /// Forget the journal (the lab's objects are gone; keys and plan may stay).
+    pub fn remove_journal(&self) -> Result<(), StateError> {
+        let p = self.dir.join("journal.json");
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot remove", &p)(e)),
+        }
+    }
+
     /// True when another command holds the lab's lock (creates nothing).
     pub fn is_locked(&self) -> bool {
         let Ok(file) = File::open(self.dir.join("lock")) else {

@@ -102,7 +102,10 @@ async fn run(env: &Env, req: &DownRequest) -> Result<DownOutcome, Error> {
                 .note(format!("note: cannot remove {}: {e}", log.display())),
         }
     }
-    if !req.keep_state {
+    if req.keep_state {
+        // Keys and plan stay for the next `up`; what was built and verified is gone.
+        state.remove_journal()?;
+    } else {
         state.remove()?;
     }
     Ok(DownOutcome {
