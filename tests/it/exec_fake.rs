@@ -541,3 +541,28 @@ async fn down_and_status_work_with_a_damaged_plan_and_with_an_old_format_one() {
     assert!(w.fake.pool_names().is_empty(), "{:?}", w.fake.pool_names());
     assert!(!w.state_dir.exists());
 }
+
+#[tokio::test]
+async fn down_keeping_state_forgets_the_journal_and_the_next_up_rebuilds_and_verifies() {
+    let w = world();
+    w.prime().await;
+    w.up().await.unwrap();
+    let keep = DownRequest {
+        lab: "e2e".into(),
+        connect: None,
+        dry_run: false,
+        keep_state: true,
+    };
+    down(&w.env, keep).await.unwrap();
+    assert!(!w.state_dir.join("journal.json").exists());
+    assert!(
+        w.state_dir.join("hostkeys/vm1.pub").exists(),
+        "keys are kept"
+    );
+    let out = w.up().await.unwrap();
+    let UpOutcome::Done { reports, .. } = &out else {
+        unreachable!()
+    };
+    assert!(reports.iter().all(|r| r.created), "{reports:?}");
+    all_verified(&w.journal(), &NODES);
+}
