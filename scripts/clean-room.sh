@@ -84,6 +84,16 @@ chroot "$root" update-ca-certificates >/dev/null 2>&1 || die "update-ca-certific
 [ -f /etc/apt/apt.conf.d/99artifact-registry ] && cp /etc/apt/apt.conf.d/99artifact-registry "$root/etc/apt/apt.conf.d/"
 log "root ready after $((SECONDS - t0)) s"
 
+# libvirt gives each QEMU a private /dev built from the parent's; from a chroot whose /dev is the
+# host's, bind-mounted, that copy misses nodes (QEMU: "Could not open '/dev/urandom'"). A machine has
+# its own /dev, so this is the room's limit, not an install step: run the room's QEMUs without that
+# namespace. A conffile present before the package is kept (setup-host.sh installs with confold).
+mkdir -p "$root/etc/libvirt"
+cat >"$root/etc/libvirt/qemu.conf" <<'CONF'
+# clean room: the room's /dev is the host's (bind mount); see scripts/clean-room.sh
+namespaces = [ ]
+CONF
+
 log "copying the checkout (tracked and untracked files, no target/)"
 mkdir -p "$root/root/klab"
 (cd "$repo" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$root/root/klab"
