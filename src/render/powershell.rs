@@ -547,7 +547,7 @@ impl Templates {
             PS_REMOVE_VM,
             "remove-vm",
             name,
-            context! { vm => name, marker, pools_root => layout.root.as_str() },
+            context! { vm => name, marker, pools_root => format!(r"{}\", layout.pools_root()) },
         )
     }
 }

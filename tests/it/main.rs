@@ -5,6 +5,7 @@ mod calico;
 mod cli;
 mod e2e;
 mod exec_fake;
+mod hyperv;
 mod image;
 mod invalid;
 mod labs_plan;
