@@ -25,6 +25,8 @@ pub const PS_REMOVE_FILE: &str = "hyperv-remove-file.ps1.j2";
 pub const PS_NEW_VM: &str = "hyperv-new-vm.ps1.j2";
 pub const PS_START_VM: &str = "hyperv-start-vm.ps1.j2";
 pub const PS_REMOVE_VM: &str = "hyperv-remove-vm.ps1.j2";
+pub const PS_PREFLIGHT: &str = "hyperv-preflight.ps1.j2";
+pub const PS_WSL_FORWARDING: &str = "hyperv-wsl-forwarding.ps1.j2";
 
 /// The PowerShell templates: (file name, source).
 pub const BUILTIN_PS: &[(&str, &str)] = &[
@@ -72,6 +74,14 @@ pub const BUILTIN_PS: &[(&str, &str)] = &[
     (
         PS_REMOVE_VM,
         include_str!("../../powershell/hyperv-remove-vm.ps1.j2"),
+    ),
+    (
+        PS_PREFLIGHT,
+        include_str!("../../powershell/hyperv-preflight.ps1.j2"),
+    ),
+    (
+        PS_WSL_FORWARDING,
+        include_str!("../../powershell/hyperv-wsl-forwarding.ps1.j2"),
     ),
 ];
 
@@ -548,6 +558,24 @@ impl Templates {
             "remove-vm",
             name,
             context! { vm => name, marker, pools_root => format!(r"{}\", layout.pools_root()) },
+        )
+    }
+}
+
+impl Templates {
+    /// Rights and Hyper-V availability, checked before anything is created.
+    pub fn ps_preflight(&self) -> Result<PsScript, RenderError> {
+        script(self, PS_PREFLIGHT, "preflight", "host", context! {})
+    }
+
+    /// Forwarding state of the WSL adapter and of the given `vEthernet (…)` aliases.
+    pub fn ps_wsl_forwarding(&self, aliases: &[String]) -> Result<PsScript, RenderError> {
+        script(
+            self,
+            PS_WSL_FORWARDING,
+            "wsl-forwarding",
+            "host",
+            context! { aliases => super::value::to_value(&aliases) },
         )
     }
 }

@@ -300,7 +300,12 @@ fn all_scripts(plan: &LabPlan) -> Vec<(String, String)> {
     let t = Templates::builtin().unwrap();
     let layout = HvLayout::default();
     let hv = HvLab::from_plan(plan, &layout);
-    let mut out = vec![t.ps_observe(&plan.prefix, &layout).unwrap()];
+    let aliases: Vec<String> = hv.switches.iter().map(|s| s.alias.clone()).collect();
+    let mut out = vec![
+        t.ps_preflight().unwrap(),
+        t.ps_wsl_forwarding(&aliases).unwrap(),
+        t.ps_observe(&plan.prefix, &layout).unwrap(),
+    ];
     out.push(
         t.ps_ensure_dir(&hv.dir, "klab-owner-seed000hv.tag")
             .unwrap(),
@@ -343,7 +348,7 @@ fn all_scripts(plan: &LabPlan) -> Vec<(String, String)> {
 fn hyperv_golden_scripts_for_seed_000() {
     let (_, plan) = seed_lab();
     let scripts = all_scripts(&plan);
-    assert_eq!(scripts.len(), 1 + 1 + 2 * 3 + 3 * 5 + 1);
+    assert_eq!(scripts.len(), 3 + 1 + 2 * 3 + 3 * 5 + 1);
     for (name, text) in &scripts {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(

@@ -11,6 +11,7 @@
 //! Ownership: a switch's or VM's Notes carry `klab:lab=<lab>` (VMs add ` node=<node>`); the removal
 //! scripts refuse objects without it. A lab directory holds `klab-owner-<lab>.tag`.
 
+pub mod checks;
 pub mod json;
 pub mod ps;
 pub mod runner;
