@@ -827,3 +827,48 @@ fn hyperv_down_removes_only_tagged_objects() {
         rm.text
     );
 }
+
+/// `up --dry-run` on Hyper-V: the same flow over a runner that executes nothing and records the
+/// scripts it would run.
+#[test]
+fn hyperv_dry_run_records_the_scripts_of_an_up() {
+    let (lab, plan) = seed_lab();
+    let keys = fixtures::test_keys(&lab);
+    let templates = Arc::new(Templates::builtin().unwrap());
+    let rendered = klab::render::render_lab(&plan, Some(&keys), &templates).unwrap();
+    let dry = Arc::new(klab::backend::hyperv::DryRunRunner::new());
+    let layout = HvLayout::default();
+    let hv = HvLab::from_plan(&plan, &layout);
+    let backend = HyperVBackend::new(dry.clone(), templates, layout, Some(hv));
+    assert_eq!(backend.preflight(true).unwrap(), vec![]);
+    let observed = backend.observe(&plan.prefix).unwrap();
+    let r = Rig {
+        replay: Arc::new(ReplayRunner::new()),
+        backend,
+        plan,
+        rendered,
+    };
+    let actions = up_actions(&r, &observed);
+    apply(&r, &actions);
+    let keys: Vec<String> = dry.scripts().iter().map(|s| s.key()).collect();
+    let d = r"C:\ProgramData\klab\pools\klab-seed000hv";
+    assert_eq!(
+        keys,
+        vec![
+            "preflight host".to_string(),
+            "observe klab-seed000hv".into(),
+            format!("ensure-dir {d}"),
+            "get-network klab-seed000hv-internal".into(),
+            "ensure-switch klab-seed000hv-internal".into(),
+            "get-network klab-seed000hv-outside".into(),
+            "ensure-switch klab-seed000hv-outside".into(),
+            format!(r"new-disk {d}\alma1.vhdx"),
+            "new-vm klab-seed000hv-alma1".into(),
+            format!(r"new-disk {d}\alma-w1.vhdx"),
+            "new-vm klab-seed000hv-alma-w1".into(),
+            format!(r"new-disk {d}\alma-w2.vhdx"),
+            "new-vm klab-seed000hv-alma-w2".into(),
+        ]
+    );
+    assert!(r.replay.ran().is_empty());
+}

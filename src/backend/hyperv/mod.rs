@@ -30,7 +30,7 @@ use crate::render::Templates;
 use crate::render::powershell::{
     HvLab, HvLayout, HvSwitch, PsScript, SwitchSteps, SwitchType, hv_file_name, volume_name_of_file,
 };
-pub use runner::{PowerShellRunner, PsOutput, PsRunner, ReplayRunner};
+pub use runner::{DryRunRunner, PowerShellRunner, PsOutput, PsRunner, ReplayRunner};
 
 /// Every script is bounded; VM creation with a large differencing disk is the slowest step.
 pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
@@ -86,6 +86,23 @@ impl HyperVBackend {
             lab,
             timeout: DEFAULT_SCRIPT_TIMEOUT,
         }
+    }
+
+    /// The backend for a lab on this machine: `powershell.exe` on Windows or from WSL2 (`scratch`
+    /// holds `-File` scripts), the lab's plan mapped onto Hyper-V when there is one (`up`), none for
+    /// `down`/`status`/`list`. Plain Linux has no Hyper-V: an error that says so.
+    pub fn connect(
+        plan: Option<&crate::plan::LabPlan>,
+        templates: Arc<Templates>,
+        layout: HvLayout,
+        scratch: std::path::PathBuf,
+    ) -> Result<Self> {
+        let runner = PowerShellRunner::detect(scratch).ok_or_else(|| BackendError::Connect {
+            uri: "hyperv".into(),
+            message: "Hyper-V needs Windows or WSL2 (no /proc/sys/kernel/osrelease naming microsoft/WSL here)".into(),
+        })?;
+        let lab = plan.map(|p| HvLab::from_plan(p, &layout));
+        Ok(Self::new(Arc::new(runner), templates, layout, lab))
     }
 
     pub fn with_timeout(mut self, timeout: Duration) -> Self {

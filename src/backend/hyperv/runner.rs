@@ -408,3 +408,46 @@ mod tests {
         );
     }
 }
+
+/// `--dry-run`: records every script and answers as an empty Hyper-V host would (nothing exists,
+/// rights fine), so the normal `up` flow runs unchanged and the caller prints [`DryRunRunner::scripts`].
+#[derive(Debug, Default)]
+pub struct DryRunRunner {
+    ran: Mutex<Vec<PsScript>>,
+}
+
+impl DryRunRunner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn scripts(&self) -> Vec<PsScript> {
+        self.ran.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl PsRunner for DryRunRunner {
+    fn run(&self, script: &PsScript, _timeout: Duration) -> Result<PsOutput, RunError> {
+        self.ran
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(script.clone());
+        let answer = match script.op {
+            "observe" => r#"[{"VMs":[],"Switches":[],"Pools":[]}]"#,
+            "get-network" => r#"[{"Switches":[],"Nats":[],"Addresses":[]}]"#,
+            "preflight" => {
+                r#"[{"User":"dry-run","Administrator":true,"HyperVAdministrators":true,"HyperVModule":true,"Vmms":"Running"}]"#
+            }
+            "wsl-forwarding" => "[]",
+            _ => "[{}]",
+        };
+        Ok(PsOutput::ok(answer))
+    }
+
+    fn write_file(&self, _windows_path: &str, _data: &[u8]) -> Result<(), RunError> {
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        "dry run (nothing is executed)".into()
+    }
+}
