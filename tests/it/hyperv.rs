@@ -560,8 +560,14 @@ fn apply(r: &Rig, actions: &[Action]) {
                 r.backend
                     .create_volume(&r.plan.pool.name, &rn.overlay_xml)
                     .unwrap();
+                let seed = klab::seed::build_vfat_seed(&[
+                    ("meta-data", rn.seed.meta_data.as_bytes()),
+                    ("user-data", rn.seed.user_data.as_bytes()),
+                    ("network-config", rn.seed.network_config.as_bytes()),
+                ])
+                .unwrap();
                 r.backend
-                    .upload_volume(&r.plan.pool.name, &spec.seed.name, b"CIDATA seed")
+                    .upload_volume(&r.plan.pool.name, &spec.seed.name, &seed)
                     .unwrap();
                 r.backend
                     .define_and_start(&spec.domain, &rn.domain_xml)
@@ -617,13 +623,20 @@ fn hyperv_up_on_an_empty_host_then_up_again_is_a_noop() {
     apply(&r, &actions);
     assert_eq!(r.replay.unexpected(), Vec::<String>::new());
     assert_eq!(r.replay.pending(), Vec::<String>::new());
+    // The vfat seeds went to the host as ISO 9660 images (25 header sectors + the three files).
+    let files = r.replay.files();
+    let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
-        r.replay.files(),
-        vec![
-            (format!(r"{pool_dir}\alma1-seed.iso"), 11),
-            (format!(r"{pool_dir}\alma-w1-seed.iso"), 11),
-            (format!(r"{pool_dir}\alma-w2-seed.iso"), 11),
+        paths,
+        [
+            format!(r"{pool_dir}\alma1-seed.iso"),
+            format!(r"{pool_dir}\alma-w1-seed.iso"),
+            format!(r"{pool_dir}\alma-w2-seed.iso"),
         ]
+    );
+    assert!(
+        files.iter().all(|(_, n)| n % 2048 == 0 && *n >= 28 * 2048),
+        "{files:?}"
     );
     // The switch scripts created everything: switch, host address, and the NAT on `outside` only.
     let ran = r.replay.ran();
@@ -871,4 +884,33 @@ fn hyperv_dry_run_records_the_scripts_of_an_up() {
         ]
     );
     assert!(r.replay.ran().is_empty());
+}
+
+/// The Hyper-V seed ISO as blkid sees it: an iso9660 volume labelled CIDATA.
+#[test]
+fn hyperv_seed_iso_is_iso9660_labelled_cidata() {
+    let Some(blkid) = crate::tools::require("blkid", "util-linux") else {
+        return;
+    };
+    let img = klab::backend::hyperv::iso::build_cidata_iso(&[
+        ("meta-data", b"instance-id: i-1\nlocal-hostname: alma1\n"),
+        ("user-data", b"#cloud-config\n"),
+        ("network-config", b"version: 2\n"),
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("seed.iso");
+    std::fs::write(&path, &img).unwrap();
+    let out = std::process::Command::new(blkid)
+        .args(["-p", "-o", "export"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "blkid failed: {text}");
+    let fields: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("LABEL=") || l.starts_with("TYPE="))
+        .collect();
+    assert_eq!(fields, ["LABEL=CIDATA", "TYPE=iso9660"], "{text}");
 }

@@ -12,6 +12,7 @@
 //! scripts refuse objects without it. A lab directory holds `klab-owner-<lab>.tag`.
 
 pub mod checks;
+pub mod iso;
 pub mod json;
 pub mod ps;
 pub mod runner;
@@ -375,10 +376,14 @@ impl Backend for HyperVBackend {
         self.run("create", "volume", &vol, &script).map(drop)
     }
 
+    /// The seed: written as the ISO 9660 CIDATA image Hyper-V attaches as a DVD (a vfat seed from
+    /// the executor is rewritten with the same files).
     fn upload_volume(&self, pool: &str, name: &str, data: &[u8]) -> Result<()> {
         let path = win_join(&self.layout.pool_dir(pool), &hv_file_name(name));
+        let iso =
+            iso::seed_as_iso(data).map_err(|m| BackendError::op("upload", "volume", name, m))?;
         self.runner
-            .write_file(&path, data)
+            .write_file(&path, &iso)
             .map_err(|e| BackendError::op("upload", "volume", name, e))
     }
 
