@@ -914,3 +914,50 @@ fn hyperv_seed_iso_is_iso9660_labelled_cidata() {
         .collect();
     assert_eq!(fields, ["LABEL=CIDATA", "TYPE=iso9660"], "{text}");
 }
+
+/// qcow2 → dynamic VHDX, once: a second call reuses the cached file.
+#[test]
+fn hyperv_base_vhdx_is_converted_once_and_cached() {
+    let Some(qemu_img) = crate::tools::require("qemu-img", "qemu-utils") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let qcow2 = dir.path().join("almalinux-9.qcow2");
+    let made = std::process::Command::new(&qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let vhdx = dir.path().join("images/almalinux-9.vhdx");
+    let t = klab::backend::hyperv::vhdx::CONVERT_TIMEOUT;
+    assert_eq!(
+        klab::backend::hyperv::vhdx::ensure_base_vhdx(&qcow2, &vhdx, t),
+        Ok(true)
+    );
+    let info = std::process::Command::new(&qemu_img)
+        .args(["info", "--output", "json"])
+        .arg(&vhdx)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["format"], "vhdx");
+    assert_eq!(info["virtual-size"], 16 << 20);
+    assert_eq!(
+        klab::backend::hyperv::vhdx::ensure_base_vhdx(&qcow2, &vhdx, t),
+        Ok(false)
+    );
+    let names: Vec<String> = std::fs::read_dir(dir.path().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["almalinux-9.vhdx"], "no .part file is left");
+    let e =
+        klab::backend::hyperv::vhdx::ensure_base_vhdx(&dir.path().join("missing.qcow2"), &vhdx, t)
+            .unwrap_err();
+    assert!(
+        e.ends_with("missing.qcow2: No such file or directory (os error 2)"),
+        "{e}"
+    );
+}

@@ -16,6 +16,7 @@ pub mod iso;
 pub mod json;
 pub mod ps;
 pub mod runner;
+pub mod vhdx;
 
 use std::sync::Arc;
 use std::time::Duration;

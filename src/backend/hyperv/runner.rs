@@ -174,7 +174,11 @@ impl PsRunner for PowerShellRunner {
 
 /// Run a command with piped output, killed after `timeout`. Pipes drain on threads so a chatty
 /// child cannot block on a full pipe.
-fn bounded(cmd: &mut Command, timeout: Duration, key: &str) -> Result<PsOutput, RunError> {
+pub(crate) fn bounded(
+    cmd: &mut Command,
+    timeout: Duration,
+    key: &str,
+) -> Result<PsOutput, RunError> {
     let program = format!("{:?}", cmd.get_program());
     let mut child = cmd
         .stdin(Stdio::null())
