@@ -123,10 +123,14 @@ INNER
 chmod +x "$root/root/run-readme.sh"
 
 log "running the README's first command in the room (own PID/mount namespace, own libvirt)"
+trap - ERR
 set +e
 unshare --mount --pid --fork --propagation private -- bash -c '
   set -e
   r="$1"
+  # The room'"'"'s / must be a mount point, as on a machine: libvirt runs each QEMU in its own mount
+  # namespace and makes / a slave mount first, which fails with EINVAL on a plain directory.
+  mount --bind "$r" "$r"
   mount --rbind /sys "$r/sys"
   mount --rbind /dev "$r/dev"
   mount -t tmpfs -o mode=0755 tmpfs "$r/run"

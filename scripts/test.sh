@@ -8,8 +8,6 @@ cd "$(dirname "$0")/.."
 
 export KLAB_DATA_DIR="${KLAB_DATA_DIR:-/var/lib/klab-test}"
 export KLAB_ACCEL="${KLAB_ACCEL:-qemu}"
-# Still read by the end-to-end tests that have not moved to `#[ignore]`.
-export KLAB_E2E=1
 mkdir -p "$KLAB_DATA_DIR" && chmod 0755 "$KLAB_DATA_DIR"
 
 echo "== fmt + clippy"

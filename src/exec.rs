@@ -2,33 +2,188 @@
 //!
 //! Networks and the pool are created first, one at a time; then each node runs its own pipeline
 //! (overlay → seed → define+start → pinned SSH → cloud-init → verify) with at most `jobs` nodes in
-//! flight. Every backend call runs inside `spawn_blocking`; every wait has the lab's timeout.
+//! flight, recording every step it reaches in the lab's journal. Every backend call runs inside
+//! `spawn_blocking` under a bound ([`call`]); every wait has the lab's timeout.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use crate::backend::{Backend, BackendError};
 use crate::model::Timeouts;
+use crate::observed::DomainState;
 use crate::output::Printer;
 use crate::plan::{LabPlan, NodeSpec};
-use crate::provision::Remote;
-use crate::provision::ssh::{SshTarget, wait_for_ssh};
+use crate::provision::ssh::{SshSession, SshTarget, wait_for_ssh};
+use crate::provision::{CommandOutput, Remote, RemoteError};
 use crate::reconcile::Action;
+use crate::reconcile::journal::{Journal, Step};
 use crate::render::RenderedLab;
+use crate::state::StateDir;
 
-/// Run one backend call off the async runtime.
+/// How long one libvirt call may take before klab gives up on it (a wedged libvirtd otherwise
+/// hangs klab for good). Generous: a libvirtd that re-probes QEMU's capabilities on every define
+/// (seen on loaded TCG hosts) takes over a minute for a healthy `define`.
+/// `KLAB_LIBVIRT_TIMEOUT` overrides it.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often the domain's state is polled while waiting for a node to answer.
+const DOMAIN_POLL: Duration = Duration::from_secs(2);
+
+/// Run one backend call off the async runtime, bounded by [`CALL_TIMEOUT`]. `what` names the
+/// call and its object for the error (`define domain klab-x-node1`).
 pub async fn call<T: Send + 'static>(
     backend: &Arc<dyn Backend>,
+    what: impl Into<String>,
+    f: impl FnOnce(&dyn Backend) -> Result<T, BackendError> + Send + 'static,
+) -> Result<T, BackendError> {
+    call_within(backend, what, CALL_TIMEOUT, f).await
+}
+
+/// [`call`] with an explicit bound.
+pub async fn call_within<T: Send + 'static>(
+    backend: &Arc<dyn Backend>,
+    what: impl Into<String>,
+    bound: Duration,
     f: impl FnOnce(&dyn Backend) -> Result<T, BackendError> + Send + 'static,
 ) -> Result<T, BackendError> {
     let b = Arc::clone(backend);
-    tokio::task::spawn_blocking(move || f(b.as_ref()))
-        .await
-        .map_err(|e| BackendError::Other(format!("backend task failed: {e}")))?
+    let task = tokio::task::spawn_blocking(move || f(b.as_ref()));
+    match tokio::time::timeout(bound, task).await {
+        Ok(joined) => {
+            joined.map_err(|e| BackendError::Other(format!("backend task failed: {e}")))?
+        }
+        // The blocking thread cannot be cancelled; it finishes (or not) on its own.
+        Err(_) => Err(BackendError::Unresponsive {
+            backend: backend.kind(),
+            what: what.into(),
+            after: bound,
+            uri: backend.uri(),
+        }),
+    }
+}
+
+/// Boxed, sendable future (the seams below are object-safe so tests can inject doubles).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A logged-in connection to one node, as the bring-up uses it.
+pub trait NodeSession: Send + Sync {
+    fn exec<'a>(
+        &'a self,
+        command: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>>;
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()>;
+}
+
+/// How the bring-up reaches a node: waits until the node answers with its pinned host key.
+pub trait Dialer: Send + Sync {
+    fn dial<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn NodeSession>, RemoteError>>;
+}
+
+/// The real one: russh with the pinned host key, retrying until the timeout.
+pub struct SshDialer;
+
+impl Dialer for SshDialer {
+    fn dial<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn NodeSession>, RemoteError>> {
+        Box::pin(async move {
+            let mut attempts = 0u32;
+            let s = wait_for_ssh(target, timeout, |e| {
+                if let crate::provision::ssh::SshWaitEvent::Retrying { .. } = e {
+                    attempts += 1;
+                }
+            })
+            .await?;
+            tracing::debug!(node = %target.node, failed_attempts = attempts, "ssh connected");
+            Ok(Box::new(s) as Box<dyn NodeSession>)
+        })
+    }
+}
+
+impl NodeSession for SshSession {
+    fn exec<'a>(
+        &'a self,
+        command: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
+        Box::pin(Remote::exec(self, command, None, timeout))
+    }
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(SshSession::close(*self))
+    }
+}
+
+impl NodeSession for crate::provision::recording::RecordingRemote {
+    fn exec<'a>(
+        &'a self,
+        command: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
+        Box::pin(Remote::exec(self, command, None, timeout))
+    }
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The lab's journal, shared by the node tasks and saved after every change.
+pub struct JournalHandle {
+    state: Option<StateDir>,
+    journal: Mutex<Journal>,
+}
+
+impl JournalHandle {
+    pub fn new(state: Option<StateDir>, journal: Journal) -> Self {
+        Self {
+            state,
+            journal: Mutex::new(journal),
+        }
+    }
+
+    pub fn snapshot(&self) -> Journal {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Journal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change the journal and write it, under the lock so writes stay in order.
+    pub fn update(&self, f: impl FnOnce(&mut Journal)) -> Result<(), ExecError> {
+        let mut j = self.lock();
+        f(&mut j);
+        if let Some(st) = &self.state {
+            st.save_journal(&j)
+                .map_err(|e| ExecError::Journal(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Where the route to a node's address leaves the host, checked before SSH (local URIs only):
+/// `Err(message)` when it does not leave through the lab's own bridge.
+pub type RouteCheck = Arc<dyn Fn(Ipv4Addr, &str) -> Result<(), String> + Send + Sync>;
+
+/// Test hook: with `KLAB_TEST_KILL_AT=<point>` the process aborts at that point (no cleanup, no
+/// destructors), like a SIGKILL. Used by the crash tests only.
+pub fn crash_point(point: &str) {
+    if std::env::var("KLAB_TEST_KILL_AT").as_deref() == Ok(point) {
+        eprintln!("klab: KLAB_TEST_KILL_AT={point}: aborting here");
+        std::process::abort();
+    }
 }
 
 /// A node that did not come up: which step failed, why, and what its console said last.
@@ -61,6 +216,8 @@ impl std::fmt::Display for NodeFailure {
 pub enum ExecError {
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("cannot record progress in the lab's journal: {0}")]
+    Journal(String),
     #[error("{}", .0.iter().map(|f| f.to_string()).collect::<Vec<_>>().join("\n"))]
     Nodes(Vec<NodeFailure>),
 }
@@ -73,6 +230,8 @@ pub struct NodeReport {
     pub ssh_seconds: Option<f64>,
     pub ready_seconds: Option<f64>,
     pub cloud_init_warnings: bool,
+    /// Every step with the seconds since the node's pipeline started.
+    pub timeline: Vec<(String, f64)>,
 }
 
 pub struct UpContext {
@@ -85,20 +244,39 @@ pub struct UpContext {
     pub timeouts: Timeouts,
     pub printer: Printer,
     pub jobs: usize,
+    pub dialer: Arc<dyn Dialer>,
+    pub journal: Arc<JournalHandle>,
+    /// sha256 of each node's current seed.
+    pub seed_hashes: Arc<BTreeMap<String, String>>,
+    pub route_check: Option<RouteCheck>,
+    /// Bound for each backend call.
+    pub call_timeout: Duration,
+    /// Follow each node's serial console log (local hypervisor) for cloud-init's final message
+    /// before the first SSH attempt; otherwise SSH is retried from boot on.
+    pub follow_console: bool,
 }
 
 /// Apply `up` actions. Pool/network actions first (in order), then node pipelines in parallel.
 pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeReport>, ExecError> {
-    let mut create: Vec<String> = Vec::new();
-    let mut start: Vec<String> = Vec::new();
+    let mut modes: BTreeMap<String, NodeMode> = BTreeMap::new();
     let mut wait: Vec<String> = Vec::new();
+    let bound = ctx.call_timeout;
     for a in actions {
         match a {
             Action::CreatePool { pool } => {
                 let xml = ctx.rendered.pool.clone().unwrap_or_default();
                 let (name, lab) = (pool.clone(), ctx.plan.lab.clone());
+                // Recorded first: a crash between defining and tagging the pool must not leave a
+                // pool the next run refuses as foreign.
+                ctx.journal.update(|j| j.pool = Some(name.clone()))?;
                 ctx.printer.note(format!("creating storage pool {name}"));
-                call(&ctx.backend, move |b| b.ensure_pool(&name, &xml, &lab)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("create pool {name}"),
+                    bound,
+                    move |b| b.ensure_pool(&name, &xml, &lab),
+                )
+                .await?;
             }
             Action::CreateNetwork { network } | Action::StartNetwork { network } => {
                 let xml = ctx
@@ -110,29 +288,69 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
                     .unwrap_or_default();
                 let name = network.clone();
                 ctx.printer.note(format!("starting network {name}"));
-                call(&ctx.backend, move |b| b.ensure_network(&name, &xml)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("start network {name}"),
+                    bound,
+                    move |b| b.ensure_network(&name, &xml),
+                )
+                .await?;
             }
             Action::RemoveDomain { domain, reason } => {
                 ctx.printer
                     .note(format!("removing domain {domain} ({reason})"));
+                if let Some(n) = ctx.plan.nodes.iter().find(|n| &n.domain == domain) {
+                    ctx.journal.update(|j| j.forget(&n.name))?;
+                }
                 let name = domain.clone();
-                call(&ctx.backend, move |b| b.remove_domain(&name)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("remove domain {name}"),
+                    bound,
+                    move |b| b.remove_domain(&name),
+                )
+                .await?;
             }
             Action::RemoveVolume { pool: p, volume } => {
                 let (p, v) = (p.clone(), volume.clone());
-                call(&ctx.backend, move |b| b.remove_volume(&p, &v)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("remove volume {p}/{v}"),
+                    bound,
+                    move |b| b.remove_volume(&p, &v),
+                )
+                .await?;
             }
             Action::RemoveNetwork { network } => {
                 ctx.printer.note(format!("removing network {network}"));
                 let name = network.clone();
-                call(&ctx.backend, move |b| b.remove_network(&name)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("remove network {name}"),
+                    bound,
+                    move |b| b.remove_network(&name),
+                )
+                .await?;
             }
             Action::RemovePool { pool: p } => {
                 let name = p.clone();
-                call(&ctx.backend, move |b| b.remove_pool(&name)).await?;
+                call_within(
+                    &ctx.backend,
+                    format!("remove pool {name}"),
+                    bound,
+                    move |b| b.remove_pool(&name),
+                )
+                .await?;
             }
-            Action::CreateNode { node } => create.push(node.clone()),
-            Action::StartNode { node } => start.push(node.clone()),
+            Action::CreateNode { node } => {
+                modes.insert(node.clone(), NodeMode::Create);
+            }
+            Action::StartNode { node } => {
+                modes.entry(node.clone()).or_insert(NodeMode::Start);
+            }
+            Action::RestartNode { node, .. } => {
+                modes.entry(node.clone()).or_insert(NodeMode::Restart);
+            }
             Action::WaitNode { node } => wait.push(node.clone()),
         }
     }
@@ -146,17 +364,20 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
         .unwrap_or(4);
     let sem = Arc::new(Semaphore::new(ctx.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    for node in
-        ctx.plan.nodes.iter().filter(|n| {
-            create.contains(&n.name) || start.contains(&n.name) || wait.contains(&n.name)
-        })
+    let journal_now = ctx.journal.snapshot();
+    for node in ctx
+        .plan
+        .nodes
+        .iter()
+        .filter(|n| modes.contains_key(&n.name) || wait.contains(&n.name))
     {
-        let mode = if create.contains(&node.name) {
-            NodeMode::Create
-        } else if start.contains(&node.name) {
-            NodeMode::Start
-        } else {
-            NodeMode::WaitOnly
+        let mode = modes.get(&node.name).copied().unwrap_or(NodeMode::WaitOnly);
+        let current = ctx.seed_hashes.get(&node.name).cloned().unwrap_or_default();
+        // A node not rebuilt now still runs the seed it was built with: progress is recorded
+        // against that one, so a drifted node stays reported as drifted.
+        let seed_hash = match (mode, journal_now.nodes.get(&node.name)) {
+            (NodeMode::Create, _) | (_, None) => current,
+            (_, Some(r)) => r.seed_hash.clone(),
         };
         let progress = ctx.printer.node(&node.name, width);
         progress.step("queued");
@@ -170,6 +391,14 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
             timeouts: ctx.timeouts.clone(),
             node: node.clone(),
             wait: wait.contains(&node.name),
+            dialer: Arc::clone(&ctx.dialer),
+            journal: Arc::clone(&ctx.journal),
+            seed_hash,
+            route_check: ctx.route_check.clone(),
+            call_timeout: ctx.call_timeout,
+            follow_console: ctx.follow_console,
+            timeline: Mutex::new(Vec::new()),
+            t0: Instant::now(),
         };
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await;
@@ -223,10 +452,11 @@ pub async fn apply_up(ctx: &UpContext, actions: &[Action]) -> Result<Vec<NodeRep
     Ok(reports)
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum NodeMode {
     Create,
     Start,
+    Restart,
     WaitOnly,
 }
 
@@ -239,6 +469,35 @@ struct NodeJob {
     timeouts: Timeouts,
     node: NodeSpec,
     wait: bool,
+    dialer: Arc<dyn Dialer>,
+    journal: Arc<JournalHandle>,
+    seed_hash: String,
+    route_check: Option<RouteCheck>,
+    call_timeout: Duration,
+    follow_console: bool,
+    timeline: Mutex<Vec<(String, f64)>>,
+    t0: Instant,
+}
+
+/// What following a node's serial console gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConsoleWait {
+    /// cloud-init printed its final message: one SSH login verifies the node.
+    Finished,
+    /// No console log to follow (missing, or stays empty): wait on SSH instead.
+    Unavailable,
+    /// The log grew but never said "finished" within the SSH timeout: wait on SSH instead.
+    Silent,
+}
+
+/// How long an empty or missing console log is given before klab falls back to SSH.
+const CONSOLE_GRACE: Duration = Duration::from_secs(20);
+const CONSOLE_POLL: Duration = Duration::from_millis(500);
+
+/// cloud-init's `final_message` (`Cloud-init v. 22.4.2 finished at …`) on the console.
+pub fn console_says_finished(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.contains("Cloud-init v.") && l.contains(" finished at "))
 }
 
 impl NodeJob {
@@ -252,18 +511,58 @@ impl NodeJob {
         }
     }
 
+    /// Show the step, put it on the node's timeline (`-v` logs it with its time).
+    fn step(&self, progress: &crate::output::NodeProgress, step: &str) {
+        progress.step(step);
+        let t = self.t0.elapsed().as_secs_f64();
+        tracing::info!(node = %self.node.name, "{step} at {t:.1}s");
+        self.timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((step.to_string(), (t * 10.0).round() / 10.0));
+    }
+
+    fn reached(&self, step: Step) -> Result<(), NodeFailure> {
+        self.journal
+            .update(|j| j.reach(&self.node.name, step, &self.seed_hash))
+            .map_err(|e| self.fail("journal", e))
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        what: String,
+        f: impl FnOnce(&dyn Backend) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        call_within(&self.backend, what, self.call_timeout, f).await
+    }
+
     async fn run(
         &self,
         mode: NodeMode,
         progress: &crate::output::NodeProgress,
     ) -> Result<NodeReport, NodeFailure> {
-        let t0 = Instant::now();
         let mut report = NodeReport {
             node: self.node.name.clone(),
             created: mode == NodeMode::Create,
             ..Default::default()
         };
+        let r = self.pipeline(mode, progress, &mut report).await;
+        report.timeline = self
+            .timeline
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        r.map(|()| report)
+    }
+
+    async fn pipeline(
+        &self,
+        mode: NodeMode,
+        progress: &crate::output::NodeProgress,
+        report: &mut NodeReport,
+    ) -> Result<(), NodeFailure> {
         let pool = self.plan.pool.name.clone();
+        let domain = self.node.domain.clone();
         let rendered = self
             .rendered
             .nodes
@@ -273,18 +572,23 @@ impl NodeJob {
             .ok_or_else(|| self.fail("render", "no rendered files for this node"))?;
         match mode {
             NodeMode::Create => {
-                progress.step("creating disk");
+                self.step(progress, "creating disk");
                 let (p, xml) = (pool.clone(), rendered.overlay_xml.clone());
-                call(&self.backend, move |b| b.create_volume(&p, &xml))
-                    .await
-                    .map_err(|e| self.fail("creating the overlay disk", e))?;
-                progress.step("creating seed");
+                self.call(
+                    format!("create volume {pool}/{}", self.node.overlay.name),
+                    move |b| b.create_volume(&p, &xml),
+                )
+                .await
+                .map_err(|e| self.fail("creating the overlay disk", e))?;
+                self.reached(Step::Overlay)?;
+                crash_point("seed-upload");
+                self.step(progress, "creating seed");
                 let (p, name, files) = (
                     pool.clone(),
                     self.node.seed.name.clone(),
                     rendered.seed.clone(),
                 );
-                call(&self.backend, move |b| {
+                self.call(format!("upload volume {pool}/{name}"), move |b| {
                     let seed = crate::seed::build_vfat_seed(&[
                         ("meta-data", files.meta_data.as_bytes()),
                         ("user-data", files.user_data.as_bytes()),
@@ -295,25 +599,72 @@ impl NodeJob {
                 })
                 .await
                 .map_err(|e| self.fail("creating the cloud-init seed", e))?;
-                progress.step("booting");
-                let (name, xml) = (self.node.domain.clone(), rendered.domain_xml.clone());
-                call(&self.backend, move |b| b.define_and_start(&name, &xml))
-                    .await
-                    .map_err(|e| self.fail("defining and starting the domain", e))?;
+                self.reached(Step::Seed)?;
+                self.step(progress, "booting");
+                let (name, xml) = (domain.clone(), rendered.domain_xml.clone());
+                self.call(format!("define and start domain {domain}"), move |b| {
+                    b.define_and_start(&name, &xml)
+                })
+                .await
+                .map_err(|e| self.fail("defining and starting the domain", e))?;
+                self.reached(Step::Started)?;
             }
-            NodeMode::Start => {
-                progress.step("booting");
-                let name = self.node.domain.clone();
-                call(&self.backend, move |b| b.start_domain(&name))
+            NodeMode::Start | NodeMode::Restart => {
+                if mode == NodeMode::Restart {
+                    self.step(progress, "restarting");
+                    let name = domain.clone();
+                    self.call(format!("stop domain {domain}"), move |b| {
+                        b.stop_domain(&name)
+                    })
                     .await
-                    .map_err(|e| self.fail("starting the domain", e))?;
+                    .map_err(|e| self.fail("stopping the domain", e))?;
+                }
+                self.step(progress, "booting");
+                let name = domain.clone();
+                self.call(format!("start domain {domain}"), move |b| {
+                    b.start_domain(&name)
+                })
+                .await
+                .map_err(|e| self.fail("starting the domain", e))?;
+                self.reached(Step::Started)?;
             }
-            NodeMode::WaitOnly => {}
+            NodeMode::WaitOnly => {
+                // Running but not verified: start over from "started" for this seed.
+                self.journal
+                    .update(|j| {
+                        j.reach(&self.node.name, Step::Started, &self.seed_hash);
+                    })
+                    .map_err(|e| self.fail("journal", e))?;
+            }
         }
+        crash_point("booting");
         if !self.wait {
-            return Ok(report);
+            return Ok(());
         }
-        progress.step("ssh");
+        let nic1_bridge = self
+            .node
+            .nics
+            .first()
+            .and_then(|nic| {
+                self.plan
+                    .networks
+                    .iter()
+                    .find(|n| n.name == nic.libvirt_network)
+            })
+            .map(|n| n.bridge.clone())
+            .unwrap_or_default();
+        if let Some(check) = &self.route_check {
+            check(self.node.ssh_address, &nic1_bridge).map_err(|e| self.fail("ssh", e))?;
+        }
+        if self.follow_console {
+            self.step(progress, "console");
+            let seen = tokio::select! {
+                w = self.wait_console() => w,
+                gone = self.watch_domain() => return Err(self.fail("boot", gone)),
+            };
+            tracing::info!(node = %self.node.name, "console: {seen:?}");
+        }
+        self.step(progress, "ssh");
         let target = SshTarget {
             node: self.node.name.clone(),
             addr: SocketAddr::from((self.node.ssh_address, 22)),
@@ -321,15 +672,16 @@ impl NodeJob {
             user_private_key: self.user_private_key.as_str().to_string(),
             host_public_key: self.host_key.clone(),
         };
-        let session = wait_for_ssh(&target, self.timeouts.ssh, |_| {})
-            .await
-            .map_err(|e| self.fail("ssh", e))?;
-        report.ssh_seconds = Some(t0.elapsed().as_secs_f64());
-        progress.step("cloud-init");
+        let session = tokio::select! {
+            r = self.dialer.dial(&target, self.timeouts.ssh) => r.map_err(|e| self.fail("ssh", e))?,
+            gone = self.watch_domain() => return Err(self.fail("ssh", gone)),
+        };
+        report.ssh_seconds = Some(self.t0.elapsed().as_secs_f64());
+        self.reached(Step::Ssh)?;
+        self.step(progress, "cloud-init");
         let out = session
             .exec(
                 crate::verify::CLOUD_INIT_WAIT_COMMAND,
-                None,
                 self.timeouts.cloud_init,
             )
             .await
@@ -344,7 +696,6 @@ impl NodeJob {
                 let detail = session
                     .exec(
                         "tail -n 20 /var/log/cloud-init-output.log",
-                        None,
                         Duration::from_secs(30),
                     )
                     .await
@@ -360,9 +711,11 @@ impl NodeJob {
                 ));
             }
         }
-        progress.step("verifying");
+        self.reached(Step::CloudInit)?;
+        crash_point("verifying");
+        self.step(progress, "verifying");
         let probe = session
-            .exec(crate::verify::PROBE_COMMAND, None, Duration::from_secs(60))
+            .exec(crate::verify::PROBE_COMMAND, Duration::from_secs(60))
             .await
             .map_err(|e| self.fail("verifying", e))?;
         let problems = crate::verify::check(&self.node, &crate::verify::parse_probe(&probe.stdout));
@@ -376,8 +729,71 @@ impl NodeJob {
             ));
         }
         session.close().await;
-        report.ready_seconds = Some(t0.elapsed().as_secs_f64());
-        Ok(report)
+        self.reached(Step::Verified)?;
+        report.ready_seconds = Some(self.t0.elapsed().as_secs_f64());
+        self.step(progress, "verified");
+        Ok(())
+    }
+
+    /// Follows the serial console log (truncated by libvirt at every domain start, so it holds
+    /// this boot only) until cloud-init's final message, without touching the guest.
+    async fn wait_console(&self) -> ConsoleWait {
+        let path = PathBuf::from(&self.node.console_log);
+        let start = Instant::now();
+        loop {
+            let p = path.clone();
+            let (len, finished) = tokio::task::spawn_blocking(move || match std::fs::read(&p) {
+                Ok(bytes) => (
+                    bytes.len() as u64,
+                    console_says_finished(&String::from_utf8_lossy(&bytes)),
+                ),
+                Err(_) => (0, false),
+            })
+            .await
+            .unwrap_or((0, false));
+            if finished {
+                return ConsoleWait::Finished;
+            }
+            let waited = start.elapsed();
+            if len == 0 && waited >= CONSOLE_GRACE {
+                return ConsoleWait::Unavailable;
+            }
+            if waited >= self.timeouts.ssh {
+                return ConsoleWait::Silent;
+            }
+            tokio::time::sleep(CONSOLE_POLL).await;
+        }
+    }
+
+    /// Resolves when the node's domain is gone or stopped, so a node deleted while klab waits
+    /// for it is reported at once instead of after the SSH timeout.
+    async fn watch_domain(&self) -> String {
+        loop {
+            tokio::time::sleep(DOMAIN_POLL).await;
+            let name = self.node.domain.clone();
+            match self
+                .call(format!("read state of domain {name}"), move |b| {
+                    b.domain_state(&name)
+                })
+                .await
+            {
+                Ok(None) => {
+                    return format!(
+                        "domain {} disappeared while klab waited for the node",
+                        self.node.domain
+                    );
+                }
+                Ok(Some(st @ (DomainState::Shutoff | DomainState::Crashed))) => {
+                    return format!(
+                        "domain {} is {} while klab waited for the node",
+                        self.node.domain,
+                        format!("{st:?}").to_lowercase()
+                    );
+                }
+                Ok(Some(_)) => {}
+                Err(e) => tracing::debug!(domain = %self.node.domain, "polling state: {e}"),
+            }
+        }
     }
 }
 
@@ -445,15 +861,31 @@ pub async fn apply_down(
         printer.note(format!("  {}", a.describe()));
         match a.clone() {
             Action::RemoveDomain { domain, .. } => {
-                call(backend, move |b| b.remove_domain(&domain)).await?
+                call(backend, format!("remove domain {domain}"), move |b| {
+                    b.remove_domain(&domain)
+                })
+                .await?
             }
             Action::RemoveVolume { pool, volume } => {
-                call(backend, move |b| b.remove_volume(&pool, &volume)).await?
+                call(
+                    backend,
+                    format!("remove volume {pool}/{volume}"),
+                    move |b| b.remove_volume(&pool, &volume),
+                )
+                .await?
             }
             Action::RemoveNetwork { network } => {
-                call(backend, move |b| b.remove_network(&network)).await?
+                call(backend, format!("remove network {network}"), move |b| {
+                    b.remove_network(&network)
+                })
+                .await?
             }
-            Action::RemovePool { pool } => call(backend, move |b| b.remove_pool(&pool)).await?,
+            Action::RemovePool { pool } => {
+                call(backend, format!("remove pool {pool}"), move |b| {
+                    b.remove_pool(&pool)
+                })
+                .await?
+            }
             other => {
                 return Err(BackendError::Other(format!(
                     "internal: `{}` is not a teardown action",
@@ -468,6 +900,16 @@ pub async fn apply_down(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cloud_inits_final_message_is_recognised_on_the_console() {
+        let log = "[  OK  ] Started ssh.service\r\n[   41.2] cloud-init[612]: Cloud-init v. 22.4.2 finished at Tue, 01 Dec 2026 20:41:02 +0000. Datasource DataSourceNoCloud [seed=/dev/vdb][dsmode=net].  Up 41.18 seconds\r\n";
+        assert!(console_says_finished(log));
+        assert!(!console_says_finished(
+            "cloud-init[401]: Cloud-init v. 22.4.2 running 'modules:final' at Tue"
+        ));
+        assert!(!console_says_finished(""));
+    }
 
     #[test]
     fn console_tail_strips_escape_sequences_and_keeps_the_end() {

@@ -4,6 +4,7 @@
 //! [`render`] (plan → XML / cloud-init files), [`reconcile`] (plan vs [`observed`] → actions),
 //! [`verify`] (post-boot checks).
 //! Effects: [`backend`] (hypervisors), [`provision`] (SSH), [`image`], [`seed`], [`state`], [`exec`].
+//! Use cases: [`usecase`] (`up`, `down`, `status` with injected backend, dialer and paths).
 //! Edge: [`cli`], [`commands`], [`output`].
 
 pub mod backend;
@@ -24,4 +25,5 @@ pub mod reconcile;
 pub mod render;
 pub mod seed;
 pub mod state;
+pub mod usecase;
 pub mod verify;

@@ -28,6 +28,18 @@ pub struct ObservedDomain {
     pub state: DomainState,
     /// Paths of the disks the domain uses (to find its volumes in a shared pool).
     pub disks: Vec<String>,
+    /// The domain's NICs on libvirt networks (running domains only).
+    pub nics: Vec<ObservedNic>,
+}
+
+/// One NIC of a running domain as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObservedNic {
+    /// libvirt network it belongs to.
+    pub network: String,
+    /// Whether its host-side device is a member of the network's bridge; `None` when the host
+    /// cannot tell (remote URI, no device name).
+    pub attached: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

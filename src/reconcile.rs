@@ -11,6 +11,9 @@ use serde::Serialize;
 use crate::observed::{DomainState, Observed};
 use crate::plan::{LabPlan, NodeSpec};
 
+pub mod journal;
+use journal::{Journal, Step};
+
 /// One step `klab up`/`klab down` takes, in execution order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "kebab-case")]
@@ -39,6 +42,11 @@ pub enum Action {
     StartNode {
         node: String,
     },
+    /// Force off and start again (its NICs fell off their bridge); disks and definition stay.
+    RestartNode {
+        node: String,
+        reason: String,
+    },
     /// SSH with the pinned key, `cloud-init status --wait`, address/route/hostname checks.
     WaitNode {
         node: String,
@@ -62,6 +70,7 @@ impl Action {
             Self::RemoveVolume { pool, volume } => format!("remove volume {pool}/{volume}"),
             Self::CreateNode { node } => format!("create node {node} (overlay, seed, domain)"),
             Self::StartNode { node } => format!("start node {node}"),
+            Self::RestartNode { node, reason } => format!("restart node {node} ({reason})"),
             Self::WaitNode { node } => {
                 format!("wait for node {node} (pinned SSH, cloud-init, addresses)")
             }
@@ -102,6 +111,27 @@ pub struct UpActions {
     pub actions: Vec<Action>,
     /// Nodes already running and unchanged.
     pub unchanged: Vec<String>,
+    /// Built nodes whose seed no longer matches the lab file: only `--recreate` applies it.
+    pub drift: Vec<Drift>,
+}
+
+/// A change to a built node that `up` cannot apply in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Drift {
+    pub node: String,
+    pub changes: Vec<String>,
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node `{}` does not have the lab file's settings: {}; not applied to the running VM — run `klab up --recreate {}` to rebuild it with them",
+            self.node,
+            self.changes.join(", "),
+            self.node
+        )
+    }
 }
 
 impl UpActions {
@@ -117,6 +147,11 @@ pub struct UpInput<'a> {
     pub observed: &'a Observed,
     /// Nodes the user allows to be rebuilt (`--recreate`).
     pub recreate: &'a BTreeSet<String>,
+    /// The lab's journal, if it has one: a running node counts as up to date only when the
+    /// journal has it verified with its current seed.
+    pub journal: Option<&'a Journal>,
+    /// sha256 of every node's rendered seed, by node name.
+    pub seed_hashes: &'a BTreeMap<String, String>,
 }
 
 /// What must happen to make the hypervisor match `desired`.
@@ -130,6 +165,8 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
     let mut creates = Vec::new();
     let mut waits = Vec::new();
     let mut unchanged = Vec::new();
+    let mut restarted_networks: BTreeSet<&str> = BTreeSet::new();
+    let mut drift = Vec::new();
 
     for name in input.recreate {
         if d.node(name).is_none() {
@@ -156,8 +193,18 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
         .filter(|v| v.pool == d.pool.name)
         .map(|v| v.name.as_str())
         .collect();
+    // An untagged pool is ours only when the state directory proves klab set out to make it
+    // (killed between defining and tagging it, or inactive so its tag cannot be seen).
+    let state_says_ours = input.journal.is_some_and(|j| j.created_pool(&d.pool.name))
+        || input.previous.is_some_and(|p| p.pool.name == d.pool.name);
     match pool_obs {
         None => pre.push(Action::CreatePool {
+            pool: d.pool.name.clone(),
+        }),
+        Some(p) if p.owner.is_none() && state_says_ours => pre.push(Action::CreatePool {
+            pool: d.pool.name.clone(),
+        }),
+        Some(p) if p.owner.as_deref() == Some(lab) && !p.active => pre.push(Action::CreatePool {
             pool: d.pool.name.clone(),
         }),
         Some(p) if p.owner.as_deref() != Some(lab) => refusals.push(Refusal {
@@ -182,9 +229,12 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
                     "klab never takes over objects it did not create: remove it, or rename the lab"
                         .into(),
             }),
-            Some(o) if !o.active => pre.push(Action::StartNetwork {
-                network: net.name.clone(),
-            }),
+            Some(o) if !o.active => {
+                restarted_networks.insert(net.name.as_str());
+                pre.push(Action::StartNetwork {
+                    network: net.name.clone(),
+                })
+            }
             Some(_) => {}
         }
         if let Some(prev) = input.previous.and_then(|p| p.network(&net.key)) {
@@ -239,11 +289,37 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
             });
             continue;
         }
-        let changed = input
+        let dom = ours.get(node.name.as_str());
+        let seed_hash = input
+            .seed_hashes
+            .get(&node.name)
+            .map(String::as_str)
+            .unwrap_or("");
+        let prev = input
             .previous
-            .and_then(|p| p.node(&node.name))
-            .and_then(|prev| node_change(prev, node));
+            .and_then(|p| p.node(&node.name).map(|prev| (p, prev)));
+        let changed = prev.and_then(|(_, prev)| node_change(prev, node));
+        let record = input.journal.and_then(|j| j.nodes.get(&node.name));
+        // What the node's seed carries changed: cloud-init will not apply it to a built VM, so
+        // it is reported (every run, until the node is rebuilt), never recorded as applied.
+        let mut seed_changes = prev
+            .map(|(p, prev)| seed_change(prev, node, &p.hosts, &d.hosts))
+            .unwrap_or_default();
+        if seed_changes.is_empty()
+            && let Some(r) = record
+            && r.step >= Step::Defined
+            && !seed_hash.is_empty()
+            && r.seed_hash != seed_hash
+        {
+            seed_changes.push("its cloud-init seed changed since the VM was built".to_string());
+        }
         let recreate = input.recreate.contains(&node.name);
+        if dom.is_some() && !recreate && !seed_changes.is_empty() {
+            drift.push(Drift {
+                node: node.name.clone(),
+                changes: seed_changes,
+            });
+        }
         if let (Some(what), false) = (&changed, recreate) {
             refusals.push(Refusal {
                 object: format!("node `{}`", node.name),
@@ -255,7 +331,7 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
             });
             continue;
         }
-        match ours.get(node.name.as_str()) {
+        match dom {
             Some(dom) if recreate => {
                 removals.push(Action::RemoveDomain {
                     domain: dom.name.clone(),
@@ -268,7 +344,34 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
                 waits.push(node.name.clone());
             }
             Some(dom) => match dom.state {
-                DomainState::Running => unchanged.push(node.name.clone()),
+                DomainState::Running => {
+                    let detached: Vec<&str> = dom
+                        .nics
+                        .iter()
+                        .filter(|n| {
+                            n.attached == Some(false)
+                                || restarted_networks.contains(n.network.as_str())
+                        })
+                        .map(|n| n.network.as_str())
+                        .collect();
+                    let verified = record.is_some_and(|r| r.step == Step::Verified);
+                    if !detached.is_empty() {
+                        creates.push(Action::RestartNode {
+                            node: node.name.clone(),
+                            reason: format!(
+                                "its NIC is not on the bridge of {}",
+                                detached.join(", ")
+                            ),
+                        });
+                        waits.push(node.name.clone());
+                    } else if verified {
+                        unchanged.push(node.name.clone());
+                    } else {
+                        // Running but never verified (a crash, or a klab without a journal):
+                        // wait for it and verify it again.
+                        waits.push(node.name.clone());
+                    }
+                }
                 DomainState::Paused | DomainState::Other => unchanged.push(node.name.clone()),
                 DomainState::Shutoff | DomainState::Crashed => {
                     creates.push(Action::StartNode {
@@ -329,7 +432,11 @@ pub fn plan_up(input: &UpInput<'_>) -> Result<UpActions, Vec<Refusal>> {
     actions.extend(net_removals);
     actions.extend(creates);
     actions.extend(waits.into_iter().map(|node| Action::WaitNode { node }));
-    Ok(UpActions { actions, unchanged })
+    Ok(UpActions {
+        actions,
+        unchanged,
+        drift,
+    })
 }
 
 fn push_volume_removals(
@@ -348,7 +455,7 @@ fn push_volume_removals(
     }
 }
 
-/// What changed in a node that cannot be applied to a running VM, if anything.
+/// What changed in a node's shape that cannot be applied to a running VM, if anything.
 fn node_change(prev: &NodeSpec, now: &NodeSpec) -> Option<String> {
     let mut what = Vec::new();
     if prev.cpus != now.cpus {
@@ -379,11 +486,46 @@ fn node_change(prev: &NodeSpec, now: &NodeSpec) -> Option<String> {
     if nics(prev) != nics(now) {
         what.push(format!("NICs [{}] → [{}]", nics(prev), nics(now)));
     }
+
     if what.is_empty() {
         None
     } else {
         Some(what.join(", "))
     }
+}
+
+/// What changed in what a node's seed carries (NIC dns and mtu, `/etc/hosts`).
+fn seed_change(
+    prev: &NodeSpec,
+    now: &NodeSpec,
+    prev_hosts: &[crate::plan::HostEntry],
+    now_hosts: &[crate::plan::HostEntry],
+) -> Vec<String> {
+    let mut what = Vec::new();
+    for (a, b) in prev.nics.iter().zip(&now.nics) {
+        if a.dns != b.dns {
+            let list = |d: &[std::net::Ipv4Addr]| {
+                d.iter()
+                    .map(|x| x.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            what.push(format!(
+                "dns of {} [{}] → [{}]",
+                b.ifname,
+                list(&a.dns),
+                list(&b.dns)
+            ));
+        }
+        if a.mtu != b.mtu {
+            let m = |m: Option<u32>| m.map(|v| v.to_string()).unwrap_or("default".into());
+            what.push(format!("mtu of {} {} → {}", b.ifname, m(a.mtu), m(b.mtu)));
+        }
+    }
+    if prev_hosts != now_hosts {
+        what.push("/etc/hosts entries changed".to_string());
+    }
+    what
 }
 
 /// What `down` knows without the hypervisor: from the saved plan, when there is one.

@@ -2,8 +2,11 @@
 //! `klab up`/`down` on one lab cannot run at once.
 //!
 //! Layout of `<state root>/<lab>/`:
-//! `lock`, `meta.json`, `plan.json`, `id_ed25519[.pub]` (the lab user's key),
+//! `lock`, `meta.json`, `plan.json`, `journal.json`, `id_ed25519[.pub]` (the lab user's key),
 //! `hostkeys/<node>[.pub]` (pre-generated host keys), `known_hosts`, `ssh_config`.
+//!
+//! Every JSON file carries `"version"` ([`STATE_VERSION`]); files without it come from an older
+//! klab and still read, and [`DownFacts`] reads just enough of any `plan.json` to remove a lab.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -13,6 +16,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{HostKey, KeyMaterial, LabPlan};
+use crate::reconcile::journal::Journal;
+
+/// Version of `meta.json` and `plan.json` written by this klab.
+pub const STATE_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -42,13 +49,86 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// Facts about the lab recorded at `klab up`, readable without the lab file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabMeta {
+    /// 0 for files written before state files were versioned.
+    #[serde(default)]
+    pub version: u32,
     pub lab: String,
     pub uri: String,
     /// Accelerator actually used (`kvm` or `qemu`).
     pub accel: String,
     /// Absolute path of the lab file last used with `up`.
     pub source: Option<String>,
+    #[serde(default)]
     pub klab_version: String,
+}
+
+/// `plan.json`: the plan with the file's version next to its fields.
+#[derive(Serialize, Deserialize)]
+struct PlanFile {
+    #[serde(default)]
+    version: u32,
+    #[serde(flatten)]
+    plan: LabPlan,
+}
+
+/// What `down` and `status` need from a `plan.json` of any klab version (or a partly damaged
+/// one): object names only, every field optional.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
+pub struct DownFacts {
+    pub version: u32,
+    pub pool: Option<DownPool>,
+    pub nodes: Vec<DownNode>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
+pub struct DownPool {
+    pub name: String,
+    pub owned: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
+pub struct DownNode {
+    pub name: String,
+    pub domain: String,
+    pub overlay: Option<NamedFile>,
+    pub seed: Option<NamedFile>,
+    pub console_log: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
+pub struct NamedFile {
+    pub name: String,
+}
+
+impl From<&LabPlan> for DownFacts {
+    fn from(p: &LabPlan) -> Self {
+        Self {
+            version: STATE_VERSION,
+            pool: Some(DownPool {
+                name: p.pool.name.clone(),
+                owned: Some(true),
+            }),
+            nodes: p
+                .nodes
+                .iter()
+                .map(|n| DownNode {
+                    name: n.name.clone(),
+                    domain: n.domain.clone(),
+                    overlay: Some(NamedFile {
+                        name: n.overlay.name.clone(),
+                    }),
+                    seed: Some(NamedFile {
+                        name: n.seed.name.clone(),
+                    }),
+                    console_log: Some(n.console_log.clone()),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -185,19 +265,68 @@ impl StateDir {
 
     pub fn save_plan(&self, plan: &LabPlan) -> Result<(), StateError> {
         self.ensure_dir()?;
-        let json = serde_json::to_string_pretty(plan).map_err(|e| StateError::Corrupt {
+        let file = PlanFile {
+            version: STATE_VERSION,
+            plan: plan.clone(),
+        };
+        let json = serde_json::to_string_pretty(&file).map_err(|e| StateError::Corrupt {
             path: self.dir.join("plan.json"),
             message: e.to_string(),
         })?;
         write_private(&self.dir.join("plan.json"), json.as_bytes())
     }
 
-    /// The plan saved by the last `up`, as a JSON value (the plan types are write-only on purpose:
-    /// readers take the fields they need, so old state stays readable).
     /// The plan saved by the last `up` (what `down`, `status` and `ssh` work from without the lab
     /// file). A file that no longer parses is `StateError::Corrupt`.
     pub fn load_plan(&self) -> Result<Option<LabPlan>, StateError> {
-        self.load_json("plan.json")
+        Ok(self.load_json::<PlanFile>("plan.json")?.map(|f| f.plan))
+    }
+
+    /// The object names of `plan.json`, from any klab version; `None` when there is no file or
+    /// it is not JSON at all.
+    pub fn load_down_facts(&self) -> Option<DownFacts> {
+        self.load_json("plan.json").ok().flatten()
+    }
+
+    pub fn load_journal(&self) -> Result<Option<Journal>, StateError> {
+        self.load_json("journal.json")
+    }
+
+    /// Written atomically (temp file + rename), so a crash leaves the old or the new journal.
+    pub fn save_journal(&self, journal: &Journal) -> Result<(), StateError> {
+        self.ensure_dir()?;
+        let json = serde_json::to_string_pretty(journal).map_err(|e| StateError::Corrupt {
+            path: self.dir.join("journal.json"),
+            message: e.to_string(),
+        })?;
+        write_private(&self.dir.join("journal.json"), json.as_bytes())
+    }
+
+    /// Forget the journal (the lab's objects are gone; keys and plan may stay).
+    pub fn remove_journal(&self) -> Result<(), StateError> {
+        let p = self.dir.join("journal.json");
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("cannot remove", &p)(e)),
+        }
+    }
+
+    /// True when another command holds the lab's lock (creates nothing).
+    pub fn is_locked(&self) -> bool {
+        let Ok(file) = File::open(self.dir.join("lock")) else {
+            return false;
+        };
+        matches!(file.try_lock(), Err(fs::TryLockError::WouldBlock))
+    }
+
+    /// Remove the state directory when it records no lab (no `meta.json`): what a command that
+    /// failed before creating anything leaves.
+    pub fn remove_if_unused(&self) -> Result<(), StateError> {
+        if self.dir.join("meta.json").exists() {
+            return Ok(());
+        }
+        self.remove()
     }
 
     pub fn save_meta(&self, meta: &LabMeta) -> Result<(), StateError> {
@@ -351,10 +480,78 @@ mod tests {
     }
 
     #[test]
+    fn state_files_of_an_older_klab_still_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = StateDir::new(tmp.path(), "old");
+        fs::create_dir_all(st.path()).unwrap();
+        // meta.json and plan.json as klab 0.1 wrote them: no version, a plan with fields this
+        // klab no longer knows and without some it has.
+        fs::write(
+            st.path().join("meta.json"),
+            r#"{"lab":"old","uri":"qemu:///system","accel":"qemu","source":null}"#,
+        )
+        .unwrap();
+        fs::write(
+            st.path().join("plan.json"),
+            r#"{"lab":"old","prefix":"klab-old","pool":{"name":"klab-old","path":"/p","owned":true,"shared_with":[]},
+               "nodes":[{"name":"cp1","domain":"klab-old-cp1","overlay":{"name":"cp1.qcow2","path":"/p/cp1.qcow2"},
+                         "seed":{"name":"cp1-seed.img"},"console_log":"/c/klab-old-cp1.log","flavor":"big"}]}"#,
+        )
+        .unwrap();
+        let meta = st.load_meta().unwrap().unwrap();
+        assert_eq!(meta.version, 0);
+        assert_eq!(meta.uri, "qemu:///system");
+        assert!(matches!(st.load_plan(), Err(StateError::Corrupt { .. })));
+        let facts = st.load_down_facts().unwrap();
+        assert_eq!(facts.version, 0);
+        assert_eq!(facts.pool.unwrap().name, "klab-old");
+        assert_eq!(facts.nodes[0].domain, "klab-old-cp1");
+        assert_eq!(facts.nodes[0].seed.as_ref().unwrap().name, "cp1-seed.img");
+        assert_eq!(
+            facts.nodes[0].console_log.as_deref(),
+            Some("/c/klab-old-cp1.log")
+        );
+        fs::write(st.path().join("plan.json"), "{").unwrap();
+        assert_eq!(st.load_down_facts(), None);
+    }
+
+    #[test]
+    fn a_saved_plan_carries_its_version_and_the_journal_round_trips() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = StateDir::new(tmp.path(), "ha");
+        let lab = crate::plan::fixtures::ha_lab();
+        let plan = crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name));
+        st.save_plan(&plan).unwrap();
+        let text = fs::read_to_string(st.path().join("plan.json")).unwrap();
+        assert!(text.starts_with("{\n  \"version\": 1,"), "{text}");
+        assert_eq!(st.load_down_facts().unwrap().version, 1);
+        let mut j = Journal::new("ha");
+        j.reach("cp1", crate::reconcile::journal::Step::Ssh, "aa");
+        st.save_journal(&j).unwrap();
+        assert_eq!(st.load_journal().unwrap(), Some(j));
+    }
+
+    #[test]
+    fn a_state_dir_without_meta_is_removed_and_one_with_meta_is_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let st = StateDir::new(tmp.path(), "x");
+        let lock = st.lock().unwrap();
+        assert!(st.is_locked());
+        drop(lock);
+        assert!(!st.is_locked());
+        st.remove_if_unused().unwrap();
+        assert!(!st.path().exists());
+        st.write_file("meta.json", "{}").unwrap();
+        st.remove_if_unused().unwrap();
+        assert!(st.path().exists());
+    }
+
+    #[test]
     fn list_labs_finds_only_real_state_dirs() {
         let tmp = tempfile::tempdir().unwrap();
         StateDir::new(tmp.path(), "b")
             .save_meta(&LabMeta {
+                version: STATE_VERSION,
                 lab: "b".into(),
                 uri: "test:///default".into(),
                 accel: "qemu".into(),

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::xml::{self, DiskSource};
 use super::{
     AccelSupport, Backend, BackendError, DomainState, Observed, ObservedDomain, ObservedNetwork,
-    ObservedPool, ObservedVolume, OwnerTag, Result, pool_tag_volume,
+    ObservedNic, ObservedPool, ObservedVolume, OwnerTag, Result, pool_tag_volume,
 };
 
 /// A domain as the fake holds it.
@@ -19,6 +19,9 @@ pub struct FakeDomain {
     pub xml: String,
     pub owner: Option<OwnerTag>,
     pub state: DomainState,
+    /// Networks whose bridge this running domain's NIC fell off (the network was stopped under
+    /// it), as libvirt leaves a tap device when its network is destroyed.
+    pub detached: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +63,8 @@ struct World {
     fail_nth: Vec<(String, usize)>,
     /// (op, object): every call of `op` on `object` fails.
     fail_object: Vec<(String, String)>,
+    /// (op, delay): every call of `op` takes this long (a wedged hypervisor).
+    delays: Vec<(String, std::time::Duration)>,
 }
 
 /// The recording backend double.
@@ -75,7 +80,7 @@ impl Default for FakeBackend {
 }
 
 /// Operations that only read; [`FakeBackend::mutations`] leaves them out.
-const READ_OPS: [&str; 2] = ["accel_support", "observe"];
+const READ_OPS: [&str; 3] = ["accel_support", "observe", "domain_state"];
 
 fn volume_path(pool: &FakePool, name: &str) -> String {
     match &pool.path {
@@ -104,6 +109,7 @@ impl FakeBackend {
                 counts: HashMap::new(),
                 fail_nth: Vec::new(),
                 fail_object: Vec::new(),
+                delays: Vec::new(),
             })),
         }
     }
@@ -149,6 +155,23 @@ impl FakeBackend {
             .push((op.to_string(), object.to_string()));
     }
 
+    /// Make every call of `op` take `delay` before it does anything (models a wedged libvirtd).
+    pub fn delay(&self, op: &str, delay: std::time::Duration) {
+        self.world().delays.push((op.to_string(), delay));
+    }
+
+    fn pause(&self, op: &str) {
+        let d = self
+            .world()
+            .delays
+            .iter()
+            .find(|(o, _)| o == op)
+            .map(|(_, d)| *d);
+        if let Some(d) = d {
+            std::thread::sleep(d);
+        }
+    }
+
     // ---- foreign objects and changes behind klab's back ----
 
     /// Add a domain as if someone else defined it (tag read from `xml`).
@@ -162,6 +185,7 @@ impl FakeBackend {
                 name,
                 xml: xml.to_string(),
                 state,
+                detached: Vec::new(),
             },
         );
         Ok(())
@@ -249,14 +273,25 @@ impl FakeBackend {
         }
     }
 
+    /// Start or stop a network behind klab's back. Stopping it detaches the NICs of the running
+    /// domains on it, and starting it again does not re-attach them (as with `virsh net-destroy`).
     pub fn set_network_active(&self, name: &str, active: bool) -> bool {
-        match self.world().networks.get_mut(name) {
-            Some(n) => {
-                n.active = active;
-                true
+        let mut w = self.world();
+        let Some(n) = w.networks.get_mut(name) else {
+            return false;
+        };
+        n.active = active;
+        if !active {
+            for d in w.domains.values_mut() {
+                if d.state == DomainState::Running
+                    && xml::domain_networks(&d.xml).iter().any(|x| x == name)
+                    && !d.detached.iter().any(|x| x == name)
+                {
+                    d.detached.push(name.to_string());
+                }
             }
-            None => false,
         }
+        true
     }
 
     // ---- inspection ----
@@ -413,22 +448,36 @@ impl Backend for FakeBackend {
     }
 
     fn accel_support(&self) -> Result<AccelSupport> {
+        self.pause("accel_support");
         let mut w = self.world();
         w.enter("accel_support", "host", "")?;
         Ok(w.accel)
     }
 
     fn observe(&self, prefix: &str) -> Result<Observed> {
+        self.pause("observe");
         let mut w = self.world();
         w.enter("observe", "objects", prefix)?;
         let mut observed = Observed::default();
         for d in w.domains.values() {
             if d.name.starts_with(prefix) || d.owner.is_some() {
+                let nics = if d.state == DomainState::Running {
+                    xml::domain_networks(&d.xml)
+                        .into_iter()
+                        .map(|network| ObservedNic {
+                            attached: Some(!d.detached.contains(&network)),
+                            network,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 observed.domains.push(ObservedDomain {
                     name: d.name.clone(),
                     owner: d.owner.clone(),
                     state: d.state,
                     disks: w.disk_paths(&d.xml),
+                    nics,
                 });
             }
         }
@@ -481,6 +530,7 @@ impl Backend for FakeBackend {
     }
 
     fn ensure_network(&self, name: &str, xml: &str) -> Result<()> {
+        self.pause("ensure_network");
         let mut w = self.world();
         w.enter("ensure_network", "network", name)?;
         xml::check_name("define", "network", name, xml)?;
@@ -502,6 +552,7 @@ impl Backend for FakeBackend {
     }
 
     fn remove_network(&self, name: &str) -> Result<()> {
+        self.pause("remove_network");
         let mut w = self.world();
         w.enter("remove_network", "network", name)?;
         w.networks.remove(name);
@@ -509,6 +560,7 @@ impl Backend for FakeBackend {
     }
 
     fn ensure_pool(&self, name: &str, xml: &str, lab: &str) -> Result<()> {
+        self.pause("ensure_pool");
         let mut w = self.world();
         w.enter("ensure_pool", "pool", name)?;
         xml::check_name("define", "pool", name, xml)?;
@@ -558,6 +610,7 @@ impl Backend for FakeBackend {
     }
 
     fn remove_pool(&self, name: &str) -> Result<()> {
+        self.pause("remove_pool");
         let mut w = self.world();
         w.enter("remove_pool", "pool", name)?;
         let Some(pool) = w.pools.get(name) else {
@@ -583,6 +636,7 @@ impl Backend for FakeBackend {
 
     fn create_volume(&self, pool: &str, xml: &str) -> Result<()> {
         let name = xml::object_name(xml).unwrap_or_default();
+        self.pause("create_volume");
         let mut w = self.world();
         w.enter("create_volume", "volume", &format!("{pool}/{name}"))?;
         if name.is_empty() {
@@ -610,6 +664,7 @@ impl Backend for FakeBackend {
     }
 
     fn upload_volume(&self, pool: &str, name: &str, data: &[u8]) -> Result<()> {
+        self.pause("upload_volume");
         let mut w = self.world();
         w.enter("upload_volume", "volume", &format!("{pool}/{name}"))?;
         let p = w.active_pool("upload", pool, name)?;
@@ -627,6 +682,7 @@ impl Backend for FakeBackend {
     }
 
     fn remove_volume(&self, pool: &str, name: &str) -> Result<()> {
+        self.pause("remove_volume");
         let mut w = self.world();
         w.enter("remove_volume", "volume", &format!("{pool}/{name}"))?;
         if let Some(p) = w.pools.get_mut(pool) {
@@ -636,6 +692,7 @@ impl Backend for FakeBackend {
     }
 
     fn define_and_start(&self, name: &str, xml: &str) -> Result<()> {
+        self.pause("define_and_start");
         let mut w = self.world();
         w.enter("define_and_start", "domain", name)?;
         xml::check_name("define", "domain", name, xml)?;
@@ -660,6 +717,7 @@ impl Backend for FakeBackend {
                         xml: xml.to_string(),
                         owner: xml::owner_tag_in_object(xml),
                         state: DomainState::Running,
+                        detached: Vec::new(),
                     },
                 );
                 Ok(())
@@ -668,6 +726,7 @@ impl Backend for FakeBackend {
     }
 
     fn start_domain(&self, name: &str) -> Result<()> {
+        self.pause("start_domain");
         let mut w = self.world();
         w.enter("start_domain", "domain", name)?;
         let Some(dom_xml) = w.domains.get(name).map(|d| d.xml.clone()) else {
@@ -678,14 +737,38 @@ impl Backend for FakeBackend {
                 "it does not exist",
             ));
         };
+        let running = w.domains.get(name).map(|d| d.state) == Some(DomainState::Running);
+        if running {
+            return Ok(());
+        }
         w.check_startable(name, &dom_xml)?;
         if let Some(d) = w.domains.get_mut(name) {
             d.state = DomainState::Running;
+            d.detached.clear();
         }
         Ok(())
     }
 
+    fn stop_domain(&self, name: &str) -> Result<()> {
+        self.pause("stop_domain");
+        let mut w = self.world();
+        w.enter("stop_domain", "domain", name)?;
+        if let Some(d) = w.domains.get_mut(name) {
+            d.state = DomainState::Shutoff;
+            d.detached.clear();
+        }
+        Ok(())
+    }
+
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>> {
+        self.pause("domain_state");
+        let mut w = self.world();
+        w.enter("domain_state", "domain", name)?;
+        Ok(w.domains.get(name).map(|d| d.state))
+    }
+
     fn remove_domain(&self, name: &str) -> Result<()> {
+        self.pause("remove_domain");
         let mut w = self.world();
         w.enter("remove_domain", "domain", name)?;
         w.domains.remove(name);

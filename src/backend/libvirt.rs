@@ -18,7 +18,7 @@ use virt::sys;
 use super::xml::{self, DiskSource};
 use super::{
     AccelSupport, Backend, BackendError, DomainState, Observed, ObservedDomain, ObservedNetwork,
-    ObservedPool, ObservedVolume, Result, pool_tag_volume,
+    ObservedNic, ObservedPool, ObservedVolume, Result, pool_tag_volume,
 };
 use crate::plan::OWNER_NS;
 
@@ -73,11 +73,20 @@ fn fail(op: &'static str, kind: &'static str, name: &str, err: VirtError) -> Bac
     BackendError::op(op, kind, name, err.message())
 }
 
-/// `qemu:///system`, `qemu+unix:///system`: libvirtd runs on this host, so pool paths are ours.
+/// `qemu:///system`, `qemu+unix:///system`: libvirtd runs on this host, so pool paths and the
+/// domains' tap devices (in /sys) are this host's.
 fn is_local_uri(uri: &str) -> bool {
     uri.split_once("://").is_some_and(|(scheme, rest)| {
         rest.starts_with('/') && (!scheme.contains('+') || scheme.ends_with("+unix"))
     })
+}
+
+/// Whether host device `dev` (a domain's tap) is enslaved to `bridge`, from /sys/class/net.
+fn bridge_member(dev: &str, bridge: &str) -> bool {
+    std::fs::read_link(format!("/sys/class/net/{dev}/master"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n == bridge))
+        .unwrap_or(false)
 }
 
 fn map_state(state: Enum<virt::domain::DomainState, sys::virDomainState>) -> DomainState {
@@ -225,11 +234,27 @@ impl LibvirtBackend {
                     .unwrap_or_else(|| format!("{pool}/{volume}")),
             })
             .collect();
+        let nics = if state == DomainState::Running {
+            let local = is_local_uri(&self.uri);
+            xml::domain_interfaces(&desc)
+                .into_iter()
+                .map(|(network, bridge, dev)| ObservedNic {
+                    attached: match (local, bridge, dev) {
+                        (true, Some(bridge), Some(dev)) => Some(bridge_member(&dev, &bridge)),
+                        _ => None,
+                    },
+                    network,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Some(ObservedDomain {
             name,
             owner,
             state,
             disks,
+            nics,
         }))
     }
 
@@ -622,6 +647,7 @@ impl Backend for LibvirtBackend {
                 pool
             }
         };
+        crate::exec::crash_point("pool-untagged");
         // Keeps the pool (and so its tag) visible after a host reboot.
         if let Err(e) = pool.set_autostart(true) {
             debug!(pool = name, error = e.message(), "could not set autostart");
@@ -764,6 +790,31 @@ impl Backend for LibvirtBackend {
         dom.create().map_err(|e| fail("start", "domain", name, e))?;
         info!(domain = name, "domain started");
         Ok(())
+    }
+
+    fn stop_domain(&self, name: &str) -> Result<()> {
+        let Some(dom) = self.lookup_domain(name)? else {
+            return Ok(());
+        };
+        if dom.is_active().unwrap_or(false)
+            && let Err(e) = dom.destroy()
+            && !code_is(&e, ErrorNumber::OperationInvalid)
+        {
+            return Err(fail("stop", "domain", name, e));
+        }
+        info!(domain = name, "domain stopped");
+        Ok(())
+    }
+
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>> {
+        let Some(dom) = self.lookup_domain(name)? else {
+            return Ok(None);
+        };
+        match dom.state() {
+            Ok((state, _)) => Ok(Some(map_state(state))),
+            Err(e) if code_is(&e, ErrorNumber::NoDomain) => Ok(None),
+            Err(e) => Err(fail("read state of", "domain", name, e)),
+        }
     }
 
     fn remove_domain(&self, name: &str) -> Result<()> {

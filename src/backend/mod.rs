@@ -37,6 +37,17 @@ pub enum BackendError {
         name: String,
         backend: String,
     },
+    /// A call that did not return within its bound (a wedged libvirtd).
+    #[error(
+        "{backend} did not answer `{what}` within {}; is libvirtd wedged? `virsh -c {uri} list` shows whether it answers (restart it with `systemctl restart libvirtd`)",
+        seconds(.after)
+    )]
+    Unresponsive {
+        backend: &'static str,
+        what: String,
+        after: std::time::Duration,
+        uri: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -49,6 +60,15 @@ impl BackendError {
             name: name.to_string(),
             message: message.to_string(),
         }
+    }
+}
+
+/// `60s`, `0.3s`.
+fn seconds(d: &std::time::Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
     }
 }
 
@@ -85,6 +105,10 @@ pub trait Backend: Send + Sync + 'static {
     /// Define a domain from XML and start it.
     fn define_and_start(&self, name: &str, xml: &str) -> Result<()>;
     fn start_domain(&self, name: &str) -> Result<()>;
+    /// Force a running domain off (keeps its definition and disks). No-op when it is not running.
+    fn stop_domain(&self, name: &str) -> Result<()>;
+    /// The state of one domain, `None` when it does not exist. Cheap: polled while waiting.
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>>;
     /// Destroy (if running) and undefine with managed save, snapshot metadata and NVRAM.
     fn remove_domain(&self, name: &str) -> Result<()>;
 }

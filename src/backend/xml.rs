@@ -256,6 +256,30 @@ pub fn domain_networks(xml: &str) -> Vec<String> {
         .collect()
 }
 
+/// A domain's `<interface type='network'>` as (network, bridge, host device) from its live XML.
+pub fn domain_interfaces(xml: &str) -> Vec<(String, Option<String>, Option<String>)> {
+    let Ok(root) = parse(xml) else {
+        return Vec::new();
+    };
+    let Some(devices) = root.child("devices") else {
+        return Vec::new();
+    };
+    devices
+        .children_named("interface")
+        .filter(|i| i.attr("type") == Some("network"))
+        .filter_map(|i| {
+            let source = i.child("source")?;
+            let network = source.attr("network")?.to_string();
+            let bridge = source.attr("bridge").map(str::to_string);
+            let dev = i
+                .child("target")
+                .and_then(|t| t.attr("dev"))
+                .map(str::to_string);
+            Some((network, bridge, dev))
+        })
+        .collect()
+}
+
 /// Checks that `doc` defines the object the caller named, so a template mix-up cannot create
 /// (and later delete) an object under an unexpected name.
 pub fn check_name(
@@ -443,6 +467,25 @@ mod tests {
         );
         assert_eq!(lab_from_tag_volume("klab-owner-.tag"), None);
         assert_eq!(lab_from_tag_volume("cp1.qcow2"), None);
+    }
+
+    #[test]
+    fn live_interfaces_name_network_bridge_and_device() {
+        let x = "<domain><name>d</name><devices>\
+            <interface type='network'><source network='n1' bridge='kl-a'/><target dev='vnet3'/></interface>\
+            <interface type='network'><source network='n2'/></interface>\
+            <interface type='bridge'><source bridge='br0'/></interface></devices></domain>";
+        assert_eq!(
+            domain_interfaces(x),
+            vec![
+                (
+                    "n1".to_string(),
+                    Some("kl-a".to_string()),
+                    Some("vnet3".to_string())
+                ),
+                ("n2".to_string(), None, None),
+            ]
+        );
     }
 
     #[test]

@@ -2,24 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
 use serde_json::json;
 
 use super::{CmdError, resolve_lab_name};
 use crate::cli::GlobalArgs;
-use crate::exec::call;
 use crate::observed::DomainState;
 use crate::output::Printer;
 use crate::state::StateDir;
-
-#[derive(Debug, Serialize)]
-struct NodeStatus {
-    name: String,
-    domain: String,
-    state: String,
-    ssh: String,
-    addresses: Vec<String>,
-}
 
 pub async fn status(
     p: &Printer,
@@ -28,78 +17,19 @@ pub async fn status(
     file: Option<std::path::PathBuf>,
 ) -> Result<(), CmdError> {
     let lab = resolve_lab_name(name, file)?;
-    let state = StateDir::new(&crate::paths::state_root(), &lab);
-    let super::ExistingLab {
-        uri,
-        meta,
-        saved,
-        observed,
-        ..
-    } = super::find_lab(g, &state).await?;
-    let doms: BTreeMap<String, DomainState> = observed
-        .domains
-        .iter()
-        .filter(|d| d.owner.as_ref().is_some_and(|t| t.lab == lab))
-        .filter_map(|d| {
-            d.owner
-                .as_ref()
-                .and_then(|t| t.node.clone())
-                .map(|n| (n, d.state))
-        })
-        .collect();
-    let networks: Vec<String> = observed
-        .networks
-        .iter()
-        .filter(|n| n.owner.as_ref().is_some_and(|t| t.lab == lab))
-        .map(|n| format!("{}{}", n.name, if n.active { "" } else { " (inactive)" }))
-        .collect();
-    if saved.is_none() && doms.is_empty() && networks.is_empty() {
-        return Err(CmdError::user(
-            format!("no lab named `{lab}` on {uri}"),
-            "`klab list` shows the labs on this host",
-        ));
-    }
-    let mut nodes = Vec::new();
-    if let Some(s) = &saved {
-        for n in &s.nodes {
-            let state = doms
-                .get(&n.name)
-                .map(|st| format!("{st:?}").to_lowercase())
-                .unwrap_or_else(|| "missing".into());
-            let addresses = n
-                .nics
-                .iter()
-                .map(|nic| format!("{}={}", nic.ifname, nic.ip))
-                .collect();
-            nodes.push(NodeStatus {
-                name: n.name.clone(),
-                domain: n.domain.clone(),
-                state,
-                ssh: n.ssh_address.to_string(),
-                addresses,
-            });
-        }
-    } else {
-        for (n, st) in &doms {
-            nodes.push(NodeStatus {
-                name: n.clone(),
-                domain: format!("klab-{lab}-{n}"),
-                state: format!("{st:?}").to_lowercase(),
-                ssh: String::new(),
-                addresses: vec![],
-            });
-        }
-    }
-    let accel = meta.as_ref().map(|m| m.accel.clone()).unwrap_or_default();
+    let st = crate::usecase::status::status(&super::env(p), &lab, g.connect.as_deref()).await?;
     if p.is_json() {
-        p.json(&json!({ "lab": lab, "uri": uri, "accelerator": accel, "networks": networks, "nodes": nodes }));
+        p.json(&json!({ "lab": st.lab, "uri": st.uri, "accelerator": st.accelerator, "networks": st.networks, "nodes": st.nodes }));
         return Ok(());
     }
-    p.line(format!("lab {lab} on {uri} (accelerator {accel})"));
-    for n in &networks {
+    p.line(format!(
+        "lab {} on {} (accelerator {})",
+        st.lab, st.uri, st.accelerator
+    ));
+    for n in &st.networks {
         p.line(format!("  network {n}"));
     }
-    for n in &nodes {
+    for n in &st.nodes {
         p.line(format!(
             "  {:<12} {:<8} ssh {:<15} {}",
             n.name,
@@ -116,8 +46,9 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
     let mut labs: BTreeMap<String, serde_json::Value> = BTreeMap::new();
     for lab in crate::state::list_labs(&root)? {
         let st = StateDir::new(&root, &lab);
-        let meta = st.load_meta()?;
-        let nodes = st.load_plan()?.map(|s| s.nodes.len()).unwrap_or(0);
+        // A damaged state file shows as unknown, never hides the other labs.
+        let meta = st.load_meta().ok().flatten();
+        let nodes = st.load_down_facts().map(|s| s.nodes.len()).unwrap_or(0);
         labs.insert(
             lab.clone(),
             json!({ "lab": lab, "uri": meta.as_ref().map(|m| m.uri.clone()), "nodes": nodes, "state": true, "domains_running": null }),
@@ -128,8 +59,11 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
         .connect
         .clone()
         .unwrap_or_else(|| super::DEFAULT_URI.to_string());
-    if let Ok(backend) = super::up::connect(&uri).await
-        && let Ok(observed) = call(&backend, |b| b.observe("klab-")).await
+    let env = super::env(p);
+    if let Ok(backend) = env.connect(&uri).await
+        && let Ok(observed) = env
+            .call(&backend, "list objects klab-*", |b| b.observe("klab-"))
+            .await
     {
         let mut running: BTreeMap<String, usize> = BTreeMap::new();
         for d in &observed.domains {

@@ -12,75 +12,20 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::cli::{Cli, Command, GlobalArgs};
-use crate::config::{self, Diagnostics};
+use crate::config;
 use crate::model::{Accel, Lab};
 use crate::output::Printer;
-use crate::reconcile::Refusal;
 
-pub const DEFAULT_URI: &str = "qemu:///system";
+pub use crate::usecase::DEFAULT_URI;
 
-/// Errors at the CLI edge. `exit_code` maps them: 1 = the user can fix it, 2 = klab failed.
-#[derive(Debug, thiserror::Error)]
-pub enum CmdError {
-    #[error("{0}")]
-    Invalid(Diagnostics),
-    #[error("{message}")]
-    User {
-        message: String,
-        hint: Option<String>,
-    },
-    #[error("refusing to change the lab:\n{}", .0.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n"))]
-    Refused(Vec<Refusal>),
-    #[error("{0}")]
-    Internal(String),
-}
+/// Errors at the CLI edge (the use cases' errors). `exit_code` maps them: 1 = the user can fix
+/// it, 2 = klab failed.
+pub use crate::usecase::{Error as CmdError, chain};
 
-impl CmdError {
-    pub fn user(message: impl Into<String>, hint: impl Into<String>) -> Self {
-        Self::User {
-            message: message.into(),
-            hint: Some(hint.into()),
-        }
-    }
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Self::Internal(_) => 2,
-            _ => 1,
-        }
-    }
-    pub fn hint(&self) -> Option<&str> {
-        match self {
-            Self::User { hint, .. } => hint.as_deref(),
-            _ => None,
-        }
-    }
-}
-
-/// Render an error with its whole source chain, once.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let msg = src.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = src.source();
-    }
-    s
-}
-
-impl From<crate::state::StateError> for CmdError {
-    fn from(e: crate::state::StateError) -> Self {
-        match e {
-            crate::state::StateError::Locked { .. } => CmdError::user(
-                e.to_string(),
-                "wait for the other command to finish (or stop it); the lock is released when it exits",
-            ),
-            other => CmdError::Internal(chain(&other)),
-        }
-    }
+/// The use cases' environment for this process: libvirt, russh, the image cache, paths from the
+/// environment.
+pub fn env(printer: &Printer) -> crate::usecase::Env {
+    crate::usecase::Env::system(printer.clone())
 }
 
 pub async fn run(cli: Cli) -> Result<(), CmdError> {
@@ -207,42 +152,6 @@ pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<S
             "name the lab you mean",
         )),
     }
-}
-
-/// An existing lab as found on this host: its state (if any) and what the hypervisor holds.
-pub struct ExistingLab {
-    pub uri: String,
-    pub meta: Option<crate::state::LabMeta>,
-    pub saved: Option<crate::plan::LabPlan>,
-    pub backend: std::sync::Arc<dyn crate::backend::Backend>,
-    pub observed: crate::observed::Observed,
-}
-
-/// Connect to where `lab` was made and look at it. The URI the lab was made on (from its state)
-/// wins over the default, so `klab down NAME` and `klab status NAME` work from anywhere.
-pub async fn find_lab(
-    g: &GlobalArgs,
-    state: &crate::state::StateDir,
-) -> Result<ExistingLab, CmdError> {
-    let meta = state.load_meta()?;
-    let saved = state.load_plan()?;
-    let uri = g
-        .connect
-        .clone()
-        .or_else(|| meta.as_ref().map(|m| m.uri.clone()))
-        .unwrap_or_else(|| DEFAULT_URI.to_string());
-    let backend = up::connect(&uri).await?;
-    let prefix = format!("klab-{}", state.lab());
-    let observed = crate::exec::call(&backend, move |b| b.observe(&prefix))
-        .await
-        .map_err(|e| CmdError::Internal(chain(&e)))?;
-    Ok(ExistingLab {
-        uri,
-        meta,
-        saved,
-        backend,
-        observed,
-    })
 }
 
 /// A lab name from the command line: the same rule as in lab files, so it can never reach outside

@@ -60,9 +60,9 @@ fn download_error(key: &str, url: &str, reason: impl std::fmt::Display) -> Image
 }
 
 /// Removes the partial file unless disarmed, so no failed download is left behind.
-struct PartGuard<'a> {
-    path: &'a Path,
-    armed: bool,
+pub(crate) struct PartGuard<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) armed: bool,
 }
 
 impl Drop for PartGuard<'_> {

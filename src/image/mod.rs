@@ -6,7 +6,7 @@
 mod build;
 pub mod checksum;
 mod command;
-mod download;
+pub(crate) mod download;
 mod progress;
 
 use std::fs;

@@ -6,6 +6,7 @@
 //!
 //! Blocking I/O; async callers run [`ensure_manifest`] in `spawn_blocking`.
 
+use crate::image::download::PartGuard;
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -223,20 +224,6 @@ pub fn ensure_manifest(
     }
     download(spec, &dest, progress)?;
     Ok(dest)
-}
-
-/// Removes the partial file unless disarmed, so a failed download leaves nothing behind.
-struct PartGuard<'a> {
-    path: &'a Path,
-    armed: bool,
-}
-
-impl Drop for PartGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = fs::remove_file(self.path);
-        }
-    }
 }
 
 fn agent() -> ureq::Agent {

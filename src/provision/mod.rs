@@ -97,18 +97,9 @@ pub fn stderr_tail(stderr: &str) -> String {
     tail
 }
 
-/// Quotes one word for a POSIX shell (single quotes; embedded `'` becomes `'\''`).
-pub fn shell_quote(word: &str) -> String {
-    let safe = !word.is_empty()
-        && word
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,@+%".contains(&b));
-    if safe {
-        word.to_string()
-    } else {
-        format!("'{}'", word.replace('\'', r"'\''"))
-    }
-}
+/// Quotes one word for a POSIX shell; the planner's quoting, so a command is quoted the same way
+/// whether the plan or the executor builds it.
+pub use crate::plan::provision::sh_quote as shell_quote;
 
 /// One connected node. Implemented by the russh client and by a recording double in tests.
 #[allow(async_fn_in_trait)]

@@ -251,7 +251,7 @@ pub async fn wait_for_ssh(
     mut on_event: impl FnMut(SshWaitEvent),
 ) -> Result<SshSession, RemoteError> {
     let start = Instant::now();
-    let deadline = start + timeout;
+    let deadline = deadline_after(start, timeout);
     let mut delay = BACKOFF_START;
     let mut attempt: u32 = 0;
     let mut previous: Option<RemoteError> = None;
@@ -300,6 +300,15 @@ pub async fn wait_for_ssh(
         }
         previous = Some(err);
     }
+}
+
+/// `start + timeout`, or a day past `start` when that overflows: a timeout of
+/// 9223372036854775807 s must mean "a very long time", not a panic.
+fn deadline_after(start: Instant, timeout: Duration) -> Instant {
+    start
+        .checked_add(timeout)
+        .or_else(|| start.checked_add(Duration::from_secs(86_400 * 365)))
+        .unwrap_or(start)
 }
 
 fn protocol(node: &str, e: &russh::Error) -> RemoteError {
@@ -367,7 +376,7 @@ impl SshSession {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<CommandOutput, RemoteError> {
-        let deadline = Instant::now() + timeout;
+        let deadline = deadline_after(Instant::now(), timeout);
         let timed_out = || RemoteError::Timeout {
             node: self.node.clone(),
             command: command.to_string(),
@@ -567,6 +576,17 @@ mod tests {
             matches!(&err, RemoteError::InvalidKey { what, .. } if what == "user private key"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_huge_timeout_does_not_overflow_the_deadline() {
+        let (_, public) = keys::generate_ed25519("x").unwrap();
+        let huge = Duration::from_secs(i64::MAX as u64);
+        let err = wait_for_ssh(&target("not a key", &public), huge, |_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(err, RemoteError::InvalidKey { .. }), "{err}");
+        assert!(deadline_after(Instant::now(), Duration::MAX) > Instant::now());
     }
 
     #[test]

@@ -3,9 +3,11 @@ use std::net::Ipv4Addr;
 use super::*;
 use crate::model::{Accel, NetworkMode, OsFamily, Role};
 use crate::observed::{
-    ObservedDomain, ObservedNetwork, ObservedPool, ObservedVolume, OwnerTag, pool_tag_volume,
+    ObservedDomain, ObservedNetwork, ObservedNic, ObservedPool, ObservedVolume, OwnerTag,
+    pool_tag_volume,
 };
 use crate::plan::*;
+use crate::reconcile::journal::{Journal, Step};
 
 fn node(lab: &str, name: &str, ip: u8) -> NodeSpec {
     NodeSpec {
@@ -131,6 +133,14 @@ fn observed_up(plan: &LabPlan) -> Observed {
             owner: tag(lab, Some(&n.name)),
             state: DomainState::Running,
             disks: vec![n.overlay.path.clone(), n.seed.path.clone()],
+            nics: n
+                .nics
+                .iter()
+                .map(|nic| ObservedNic {
+                    network: nic.libvirt_network.clone(),
+                    attached: Some(true),
+                })
+                .collect(),
         });
         for v in [&n.overlay, &n.seed] {
             o.volumes.push(ObservedVolume {
@@ -143,17 +153,48 @@ fn observed_up(plan: &LabPlan) -> Observed {
     o
 }
 
-fn up(
+/// Seed hashes as `up` computes them (values are opaque to the reconciler).
+fn hashes(plan: &LabPlan) -> BTreeMap<String, String> {
+    plan.nodes
+        .iter()
+        .map(|n| (n.name.clone(), format!("seed-of-{}", n.name)))
+        .collect()
+}
+
+/// A journal in which every node of `plan` was verified with its current seed.
+fn verified(plan: &LabPlan) -> Journal {
+    let mut j = Journal::new(&plan.lab);
+    j.pool = Some(plan.pool.name.clone());
+    for (n, h) in hashes(plan) {
+        j.reach(&n, Step::Verified, &h);
+    }
+    j
+}
+
+fn up_with(
     desired: &LabPlan,
     previous: Option<&LabPlan>,
     observed: &Observed,
+    journal: Option<&Journal>,
 ) -> Result<UpActions, Vec<Refusal>> {
     plan_up(&UpInput {
         desired,
         previous,
         observed,
         recreate: &BTreeSet::new(),
+        journal,
+        seed_hashes: &hashes(desired),
     })
+}
+
+/// `up` with a journal that has every node of `previous` (or `desired`) verified.
+fn up(
+    desired: &LabPlan,
+    previous: Option<&LabPlan>,
+    observed: &Observed,
+) -> Result<UpActions, Vec<Refusal>> {
+    let j = verified(previous.unwrap_or(desired));
+    up_with(desired, previous, observed, Some(&j))
 }
 
 #[test]
@@ -258,6 +299,8 @@ fn ip_change_is_refused_unless_recreate() {
         previous: Some(&old),
         observed: &o,
         recreate: &recreate,
+        journal: None,
+        seed_hashes: &hashes(&new),
     })
     .unwrap()
     .actions;
@@ -305,6 +348,7 @@ fn look_alike_objects_block_up_instead_of_being_taken_over() {
             owner: None,
             state: DomainState::Running,
             disks: vec![],
+            nics: vec![],
         }],
         networks: vec![ObservedNetwork {
             name: "klab-demo-outside".into(),
@@ -320,7 +364,7 @@ fn look_alike_objects_block_up_instead_of_being_taken_over() {
         }],
         volumes: vec![],
     };
-    let err = up(&p, None, &o).unwrap_err();
+    let err = up_with(&p, None, &o, None).unwrap_err();
     let objects: Vec<_> = err.iter().map(|r| r.object.as_str()).collect();
     assert_eq!(
         objects,
@@ -366,6 +410,7 @@ fn down_removes_only_tagged_objects_in_order_and_reports_look_alikes() {
         owner: None,
         state: DomainState::Running,
         disks: vec![],
+        nics: vec![],
     });
     o.networks.push(ObservedNetwork {
         name: "klab-demo-lookalike".into(),
@@ -378,6 +423,7 @@ fn down_removes_only_tagged_objects_in_order_and_reports_look_alikes() {
         owner: tag("demo-2", Some("x")),
         state: DomainState::Running,
         disks: vec![],
+        nics: vec![],
     });
     let r = plan_down("demo", &o, &KnownObjects::default());
     assert_eq!(
@@ -456,5 +502,145 @@ fn down_in_a_shared_pool_removes_only_the_labs_volumes() {
         !r.actions
             .iter()
             .any(|a| matches!(a, Action::RemovePool { .. }))
+    );
+}
+
+#[test]
+fn a_running_node_never_verified_is_waited_for_again_not_up_to_date() {
+    let p = lab_plan("demo", &[("a", 10), ("b", 11)]);
+    let o = observed_up(&p);
+    // Killed after `a` booted, before it was verified.
+    let mut j = verified(&p);
+    j.reach("a", Step::Started, "seed-of-a");
+    let r = up_with(&p, Some(&p), &o, Some(&j)).unwrap();
+    assert_eq!(r.actions, vec![Action::WaitNode { node: "a".into() }]);
+    assert_eq!(r.unchanged, vec!["b".to_string()]);
+    // No journal at all (a lab made by a klab without one): every node is verified again.
+    let r = up_with(&p, Some(&p), &o, None).unwrap();
+    assert_eq!(
+        r.actions,
+        vec![
+            Action::WaitNode { node: "a".into() },
+            Action::WaitNode { node: "b".into() }
+        ]
+    );
+}
+
+#[test]
+fn an_untagged_pool_is_claimed_only_when_the_journal_says_klab_made_it() {
+    let p = lab_plan("demo", &[("a", 10)]);
+    let o = Observed {
+        pools: vec![ObservedPool {
+            name: "klab-demo".into(),
+            path: Some(p.pool.path.clone()),
+            active: true,
+            owner: None,
+        }],
+        ..Default::default()
+    };
+    // Killed between defining the pool and tagging it.
+    let mut j = Journal::new("demo");
+    j.pool = Some("klab-demo".into());
+    let acts = up_with(&p, None, &o, Some(&j)).unwrap().actions;
+    assert_eq!(
+        acts[0],
+        Action::CreatePool {
+            pool: "klab-demo".into()
+        }
+    );
+    // Without that proof it is somebody else's.
+    let err = up_with(&p, None, &o, Some(&Journal::new("demo"))).unwrap_err();
+    assert_eq!(err[0].object, "storage pool `klab-demo`");
+    let err = up_with(&p, None, &o, None).unwrap_err();
+    assert_eq!(err[0].object, "storage pool `klab-demo`");
+}
+
+#[test]
+fn a_restarted_network_restarts_and_reverifies_the_nodes_on_it() {
+    let p = lab_plan("demo", &[("a", 10), ("b", 11)]);
+    // `virsh net-destroy`: the network is inactive, the running domains' taps are off its bridge.
+    let mut o = observed_up(&p);
+    o.networks[0].active = false;
+    for d in &mut o.domains {
+        for n in &mut d.nics {
+            n.attached = Some(false);
+        }
+    }
+    let acts = up(&p, Some(&p), &o).unwrap().actions;
+    let reason = "its NIC is not on the bridge of klab-demo-outside".to_string();
+    assert_eq!(
+        acts,
+        vec![
+            Action::StartNetwork {
+                network: "klab-demo-outside".into()
+            },
+            Action::RestartNode {
+                node: "a".into(),
+                reason: reason.clone()
+            },
+            Action::RestartNode {
+                node: "b".into(),
+                reason
+            },
+            Action::WaitNode { node: "a".into() },
+            Action::WaitNode { node: "b".into() },
+        ]
+    );
+    // The network was restarted by someone else: active, but `b`'s NIC is still off the bridge.
+    let mut o = observed_up(&p);
+    o.domains[1].nics[0].attached = Some(false);
+    let acts = up(&p, Some(&p), &o).unwrap().actions;
+    assert_eq!(
+        acts,
+        vec![
+            Action::RestartNode {
+                node: "b".into(),
+                reason: "its NIC is not on the bridge of klab-demo-outside".into()
+            },
+            Action::WaitNode { node: "b".into() },
+        ]
+    );
+    // Unknown attachment (remote URI) is not a reason to restart.
+    let mut o = observed_up(&p);
+    o.domains[1].nics[0].attached = None;
+    assert!(up(&p, Some(&p), &o).unwrap().is_noop());
+}
+
+#[test]
+fn dns_mtu_and_hosts_changes_are_reported_as_drift_not_saved_as_applied() {
+    let old = lab_plan("demo", &[("a", 10)]);
+    let mut new = old.clone();
+    new.nodes[0].nics[0].dns = vec![Ipv4Addr::new(10, 0, 0, 53)];
+    new.nodes[0].nics[0].mtu = Some(1400);
+    new.hosts.push(HostEntry {
+        ip: Ipv4Addr::new(10, 0, 0, 99),
+        names: vec!["extra".into()],
+    });
+    let r = up(&new, Some(&old), &observed_up(&old)).unwrap();
+    assert!(r.is_noop(), "{:?}", r.actions);
+    assert_eq!(
+        r.drift,
+        vec![Drift {
+            node: "a".into(),
+            changes: vec![
+                "dns of ext0 [] → [10.0.0.53]".into(),
+                "mtu of ext0 default → 1400".into(),
+                "/etc/hosts entries changed".into()
+            ]
+        }]
+    );
+    assert_eq!(
+        r.drift[0].to_string(),
+        "node `a` does not have the lab file's settings: dns of ext0 [] → [10.0.0.53], mtu of ext0 default → 1400, /etc/hosts entries changed; not applied to the running VM — run `klab up --recreate a` to rebuild it with them"
+    );
+    // Next run the saved plan already says "new", but the journal still has the old seed: the
+    // drift is reported again.
+    let mut j = verified(&new);
+    j.reach("a", Step::Verified, "the-seed-it-was-built-with");
+    let r = up_with(&new, Some(&new), &observed_up(&new), Some(&j)).unwrap();
+    assert!(r.is_noop());
+    assert_eq!(
+        r.drift[0].changes,
+        vec!["its cloud-init seed changed since the VM was built".to_string()]
     );
 }

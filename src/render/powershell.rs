@@ -26,6 +26,8 @@ pub const PS_NEW_VM: &str = "hyperv-new-vm.ps1.j2";
 pub const PS_START_VM: &str = "hyperv-start-vm.ps1.j2";
 pub const PS_REMOVE_VM: &str = "hyperv-remove-vm.ps1.j2";
 pub const PS_PREFLIGHT: &str = "hyperv-preflight.ps1.j2";
+pub const PS_STOP_VM: &str = "hyperv-stop-vm.ps1.j2";
+pub const PS_VM_STATE: &str = "hyperv-vm-state.ps1.j2";
 pub const PS_WSL_FORWARDING: &str = "hyperv-wsl-forwarding.ps1.j2";
 
 /// The PowerShell templates: (file name, source).
@@ -74,6 +76,14 @@ pub const BUILTIN_PS: &[(&str, &str)] = &[
     (
         PS_REMOVE_VM,
         include_str!("../../powershell/hyperv-remove-vm.ps1.j2"),
+    ),
+    (
+        PS_STOP_VM,
+        include_str!("../../powershell/hyperv-stop-vm.ps1.j2"),
+    ),
+    (
+        PS_VM_STATE,
+        include_str!("../../powershell/hyperv-vm-state.ps1.j2"),
     ),
     (
         PS_PREFLIGHT,
@@ -563,6 +573,14 @@ impl Templates {
 }
 
 impl Templates {
+    pub fn ps_stop_vm(&self, name: &str) -> Result<PsScript, RenderError> {
+        script(self, PS_STOP_VM, "stop-vm", name, context! { vm => name })
+    }
+
+    pub fn ps_vm_state(&self, name: &str) -> Result<PsScript, RenderError> {
+        script(self, PS_VM_STATE, "vm-state", name, context! { vm => name })
+    }
+
     /// Rights and Hyper-V availability, checked before anything is created.
     pub fn ps_preflight(&self) -> Result<PsScript, RenderError> {
         script(self, PS_PREFLIGHT, "preflight", "host", context! {})

@@ -324,6 +324,8 @@ fn all_scripts(plan: &LabPlan) -> Vec<(String, String)> {
         out.push(t.ps_new_disk(v).unwrap());
         out.push(t.ps_new_vm(v).unwrap());
         out.push(t.ps_start_vm(&v.name).unwrap());
+        out.push(t.ps_stop_vm(&v.name).unwrap());
+        out.push(t.ps_vm_state(&v.name).unwrap());
         out.push(t.ps_remove_vm(&v.name, &layout).unwrap());
         out.push(t.ps_remove_file(&v.seed).unwrap());
     }
@@ -348,7 +350,7 @@ fn all_scripts(plan: &LabPlan) -> Vec<(String, String)> {
 fn hyperv_golden_scripts_for_seed_000() {
     let (_, plan) = seed_lab();
     let scripts = all_scripts(&plan);
-    assert_eq!(scripts.len(), 3 + 1 + 2 * 3 + 3 * 5 + 1);
+    assert_eq!(scripts.len(), 3 + 1 + 2 * 3 + 3 * 7 + 1);
     for (name, text) in &scripts {
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
@@ -577,6 +579,11 @@ fn apply(r: &Rig, actions: &[Action]) {
                 let spec = r.plan.node(node).unwrap();
                 r.backend.start_domain(&spec.domain).unwrap();
             }
+            Action::RestartNode { node, .. } => {
+                let spec = r.plan.node(node).unwrap();
+                r.backend.stop_domain(&spec.domain).unwrap();
+                r.backend.start_domain(&spec.domain).unwrap();
+            }
             Action::WaitNode { .. } => {}
             Action::RemoveDomain { domain, .. } => r.backend.remove_domain(domain).unwrap(),
             Action::RemoveVolume { pool, volume } => r.backend.remove_volume(pool, volume).unwrap(),
@@ -592,6 +599,8 @@ fn up_actions(r: &Rig, observed: &Observed) -> Vec<Action> {
         previous: Some(&r.plan),
         observed,
         recreate: &BTreeSet::new(),
+        journal: None,
+        seed_hashes: &std::collections::BTreeMap::new(),
     })
     .unwrap()
     .actions
@@ -960,4 +969,45 @@ fn hyperv_base_vhdx_is_converted_once_and_cached() {
         e.ends_with("missing.qcow2: No such file or directory (os error 2)"),
         "{e}"
     );
+}
+
+#[test]
+fn hyperv_domain_state_stop_and_observed_nics() {
+    let r = rig();
+    r.replay
+        .expect(
+            "vm-state klab-seed000hv-alma1",
+            r#"[{"Name":"klab-seed000hv-alma1","State":"Running","Notes":"klab:lab=seed000hv node=alma1"}]"#,
+        )
+        .expect("vm-state klab-seed000hv-alma9", "[]")
+        .expect("stop-vm klab-seed000hv-alma1", "[{}]")
+        .expect(
+            "observe klab-seed000hv",
+            r#"[{"VMs":{"Name":"klab-seed000hv-alma1","State":3,"Notes":"klab:lab=seed000hv node=alma1","HardDrives":[],"DvdDrives":[],"NetworkAdapters":[{"VMName":"klab-seed000hv-alma1","Name":"ext0","SwitchName":"klab-seed000hv-outside","MacAddress":"52540099F1F6"},{"VMName":"klab-seed000hv-alma1","Name":"lab0","SwitchName":"","MacAddress":"525400E6D18A"}]},"Switches":[],"Pools":[]}]"#,
+        );
+    assert_eq!(
+        r.backend.domain_state("klab-seed000hv-alma1").unwrap(),
+        Some(DomainState::Running)
+    );
+    assert_eq!(
+        r.backend.domain_state("klab-seed000hv-alma9").unwrap(),
+        None
+    );
+    r.backend.stop_domain("klab-seed000hv-alma1").unwrap();
+    let o = r.backend.observe("klab-seed000hv").unwrap();
+    assert_eq!(o.domains[0].state, DomainState::Shutoff);
+    assert_eq!(
+        o.domains[0].nics,
+        vec![
+            klab::observed::ObservedNic {
+                network: "klab-seed000hv-outside".into(),
+                attached: Some(true)
+            },
+            klab::observed::ObservedNic {
+                network: String::new(),
+                attached: Some(false)
+            },
+        ]
+    );
+    assert!(r.replay.pending().is_empty());
 }

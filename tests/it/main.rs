@@ -3,6 +3,7 @@
 mod backend_test_driver;
 mod calico;
 mod cli;
+mod crash;
 mod e2e;
 mod exec_fake;
 mod hyperv;

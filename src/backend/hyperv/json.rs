@@ -237,6 +237,8 @@ pub struct VmInfo {
     pub notes: String,
     pub hard_drives: Vec<String>,
     pub dvd_drives: Vec<String>,
+    /// From klab's observe script (absent in plain `Get-VM` output).
+    pub adapters: Vec<AdapterInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +300,10 @@ pub fn parse_vms(v: &Value) -> Result<Vec<VmInfo>, JsonError> {
                     paths(m, W, "DvdDrives")?
                 } else {
                     paths(m, W, "DVDDrives")?
+                },
+                adapters: match m.get("NetworkAdapters") {
+                    Some(a) => parse_adapters(a)?,
+                    None => Vec::new(),
                 },
             })
         })

@@ -24,8 +24,8 @@ use std::time::Duration;
 use ipnetwork::Ipv4Network;
 
 use super::{
-    AccelSupport, Backend, BackendError, Observed, ObservedDomain, ObservedNetwork, ObservedPool,
-    ObservedVolume, Result, xml,
+    AccelSupport, Backend, BackendError, DomainState, Observed, ObservedDomain, ObservedNetwork,
+    ObservedNic, ObservedPool, ObservedVolume, Result, xml,
 };
 use crate::observed::pool_tag_volume;
 use crate::render::Templates;
@@ -273,7 +273,17 @@ impl Backend for HyperVBackend {
         for vm in doc.vms {
             let mut disks = vm.hard_drives;
             disks.extend(vm.dvd_drives);
+            let nics = vm
+                .adapters
+                .iter()
+                .map(|a| ObservedNic {
+                    network: a.switch_name.clone().unwrap_or_default(),
+                    // Connected to its switch = attached; a disconnected adapter has no switch.
+                    attached: Some(a.switch_name.is_some()),
+                })
+                .collect();
             out.domains.push(ObservedDomain {
+                nics,
                 owner: json::owner_from_notes(&vm.notes),
                 state: json::domain_state(&vm.state),
                 name: vm.name,
@@ -406,6 +416,21 @@ impl Backend for HyperVBackend {
     fn start_domain(&self, name: &str) -> Result<()> {
         let script = self.script("start", "domain", name, |t| t.ps_start_vm(name))?;
         self.run("start", "domain", name, &script).map(drop)
+    }
+
+    fn stop_domain(&self, name: &str) -> Result<()> {
+        let script = self.script("stop", "domain", name, |t| t.ps_stop_vm(name))?;
+        self.run("stop", "domain", name, &script).map(drop)
+    }
+
+    fn domain_state(&self, name: &str) -> Result<Option<DomainState>> {
+        let script = self.script("query", "domain", name, |t| t.ps_vm_state(name))?;
+        let v = self.run("query", "domain", name, &script)?;
+        let vms = json::parse_vms(&v).map_err(|e| BackendError::op("query", "domain", name, e))?;
+        Ok(vms
+            .iter()
+            .find(|vm| vm.name == name)
+            .map(|vm| json::domain_state(&vm.state)))
     }
 
     fn remove_domain(&self, name: &str) -> Result<()> {

@@ -441,7 +441,7 @@ impl PsRunner for DryRunRunner {
             "preflight" => {
                 r#"[{"User":"dry-run","Administrator":true,"HyperVAdministrators":true,"HyperVModule":true,"Vmms":"Running"}]"#
             }
-            "wsl-forwarding" => "[]",
+            "wsl-forwarding" | "vm-state" => "[]",
             _ => "[{}]",
         };
         Ok(PsOutput::ok(answer))

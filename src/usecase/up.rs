@@ -1,0 +1,331 @@
+//! `up`: validate against the host, plan, reconcile against what exists and the lab's journal,
+//! create what is missing, and wait for every node that is not verified with its current seed
+//! (pinned SSH, cloud-init, verified addresses).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::host::HostFs;
+use super::{Env, Error, chain, choose_accel, is_local_system_uri};
+use crate::exec::{self, JournalHandle, NodeReport, UpContext};
+use crate::model::{Accel, Lab};
+use crate::plan::{LabPlan, PlanInputs};
+use crate::reconcile::journal::Journal;
+use crate::reconcile::{self, Drift, UpActions, UpInput};
+use crate::render::{RenderedLab, Templates};
+use crate::state::{LabMeta, STATE_VERSION, StateDir};
+
+pub struct UpRequest {
+    pub lab: Lab,
+    /// The lab file, recorded in the state for later commands.
+    pub lab_file: Option<PathBuf>,
+    pub uri: String,
+    /// What the user asked for (`auto` is resolved against the hypervisor).
+    pub accel: Accel,
+    pub templates: Templates,
+    pub dry_run: bool,
+    pub recreate: BTreeSet<String>,
+    pub jobs: usize,
+    pub host: HostFs,
+}
+
+#[derive(Debug)]
+pub enum UpOutcome {
+    DryRun {
+        plan: Box<LabPlan>,
+        todo: UpActions,
+    },
+    Done {
+        plan: Box<LabPlan>,
+        accel: Accel,
+        /// False when nothing had to be done.
+        changed: bool,
+        reports: Vec<NodeReport>,
+        drift: Vec<Drift>,
+    },
+}
+
+/// sha256 (hex) of a node's seed files: what the journal records and compares.
+pub fn seed_hashes(rendered: &RenderedLab) -> BTreeMap<String, String> {
+    rendered
+        .nodes
+        .iter()
+        .map(|n| {
+            let mut h = Sha256::new();
+            for part in [&n.seed.meta_data, &n.seed.user_data, &n.seed.network_config] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+            (n.name.clone(), hex(&h.finalize()))
+        })
+        .collect()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn up(env: &Env, req: UpRequest) -> Result<UpOutcome, Error> {
+    let state = env.paths.state(&req.lab.name);
+    let _lock = if req.dry_run {
+        if state.is_locked() {
+            return Err(Error::user(
+                format!(
+                    "lab `{}` is busy: another klab command is changing it, so a dry run cannot say what `up` would do",
+                    req.lab.name
+                ),
+                "run the dry run again when the other command has finished",
+            ));
+        }
+        None
+    } else {
+        Some(state.lock()?)
+    };
+    let result = run(env, &req, &state).await;
+    if result.is_err() && !req.dry_run {
+        // Nothing was created before meta.json is written: leave no state directory behind.
+        if let Err(e) = state.remove_if_unused() {
+            tracing::warn!("{}", chain(&e));
+        }
+    }
+    result
+}
+
+async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, Error> {
+    let lab = &req.lab;
+    let uri = req.uri.as_str();
+    let p = &env.printer;
+    let backend = env.connect(uri).await?;
+    let support = exec::call_within(&backend, "read capabilities", env.call_timeout, |b| {
+        b.accel_support()
+    })
+    .await
+    .map_err(|e| Error::user(chain(&e), "run `klab doctor` to check the host"))?;
+    let accel = choose_accel(req.accel, support)?;
+    p.note(format!(
+        "lab {}: {} nodes on {uri}, accelerator {} ({})",
+        lab.name,
+        lab.nodes.len(),
+        accel.as_str(),
+        match (accel, req.accel) {
+            (Accel::Kvm, Accel::Auto) => "auto: libvirt offers KVM",
+            (Accel::Qemu, Accel::Auto) => "auto: libvirt offers no KVM, using TCG",
+            (Accel::Qemu, _) => "TCG, as requested",
+            _ => "as requested",
+        }
+    ));
+
+    let node_names: Vec<String> = lab.nodes.iter().map(|n| n.name.clone()).collect();
+    let keys = if req.dry_run && !state.exists() {
+        None
+    } else {
+        Some(state.ensure_keys(&node_names, crate::keys::generate_ed25519)?)
+    };
+    let local_images = env.images.local_images().map_err(Error::Internal)?;
+    let inputs = PlanInputs {
+        accel,
+        uri: uri.to_string(),
+        pool_dir: env.paths.pool_dir(&lab.name).display().to_string(),
+        image_cache: env.images.cache_root().display().to_string(),
+        console_dir: env.paths.console_dir().display().to_string(),
+        keys: keys.clone(),
+        local_images,
+    };
+    let plan = crate::plan::plan(lab, &inputs);
+    if env.host_checks {
+        req.host
+            .preflight(&plan, is_local_system_uri(uri))
+            .map_err(|problems| {
+                Error::user(
+                    format!(
+                        "the host is not ready for this lab:\n  {}",
+                        problems.join("\n  ")
+                    ),
+                    "fix the items above (change the lab's CIDRs or bridge names), or run `klab doctor -f <lab file>` for details",
+                )
+            })?;
+    }
+    // A saved plan or journal this klab cannot read only costs the change check, never the lab:
+    // without a journal every running node is waited for and verified again.
+    let previous: Option<LabPlan> = state.load_plan().unwrap_or_else(|e| {
+        tracing::warn!(
+            "{}; not checking for changes that need a rebuild",
+            chain(&e)
+        );
+        None
+    });
+    let journal: Option<Journal> = state.load_journal().unwrap_or_else(|e| {
+        tracing::warn!("{}; verifying every node again", chain(&e));
+        None
+    });
+    let rendered = crate::render::render_lab(&plan, keys.as_ref(), &req.templates)
+        .map_err(|e| Error::user(chain(&e), "check your template overrides"))?;
+    let hashes = seed_hashes(&rendered);
+    let prefix = plan.prefix.clone();
+    let observed = env
+        .call(&backend, format!("list objects {prefix}*"), move |b| {
+            b.observe(&prefix)
+        })
+        .await?;
+    let todo = reconcile::plan_up(&UpInput {
+        desired: &plan,
+        previous: previous.as_ref(),
+        observed: &observed,
+        recreate: &req.recreate,
+        journal: journal.as_ref(),
+        seed_hashes: &hashes,
+    })
+    .map_err(Error::Refused)?;
+    for d in &todo.drift {
+        p.note(format!("warning: {d}"));
+    }
+
+    if req.dry_run {
+        return Ok(UpOutcome::DryRun {
+            plan: Box::new(plan),
+            todo,
+        });
+    }
+    let keys = keys.ok_or_else(|| Error::Internal("keys missing".into()))?;
+
+    // Record what we are about to make before making it: a crash leaves a lab `klab down` can find.
+    state.save_meta(&LabMeta {
+        version: STATE_VERSION,
+        lab: lab.name.clone(),
+        uri: uri.to_string(),
+        accel: accel.as_str().to_string(),
+        source: req
+            .lab_file
+            .as_ref()
+            .and_then(|f| std::fs::canonicalize(f).ok())
+            .map(|p| p.display().to_string()),
+        klab_version: env!("CARGO_PKG_VERSION").to_string(),
+    })?;
+
+    if todo.is_noop() {
+        state.save_plan(&plan)?;
+        write_access_files(state, &plan, &keys)?;
+        return Ok(UpOutcome::Done {
+            plan: Box::new(plan),
+            accel,
+            changed: false,
+            reports: Vec::new(),
+            drift: todo.drift,
+        });
+    }
+
+    // Base images for the nodes we create: fetched/verified before anything is created.
+    let creating: BTreeSet<&str> = todo
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            reconcile::Action::CreateNode { node } => Some(node.as_str()),
+            _ => None,
+        })
+        .collect();
+    let needed: BTreeSet<&str> = plan
+        .nodes
+        .iter()
+        .filter(|n| creating.contains(n.name.as_str()))
+        .map(|n| n.image.as_str())
+        .collect();
+    for img in plan
+        .images
+        .iter()
+        .filter(|i| needed.contains(i.key.as_str()))
+    {
+        let spec = img.clone();
+        let images = Arc::clone(&env.images);
+        let quiet = p.is_json();
+        tokio::task::spawn_blocking(move || images.ensure(&spec, quiet))
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| {
+                Error::user(
+                    e,
+                    "run `klab image build debian-12` for an offline image, or set `path = …` in [images.<name>]",
+                )
+            })?;
+    }
+    let console_dir = env.paths.console_dir();
+    std::fs::create_dir_all(&console_dir)
+        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", console_dir.display())))?;
+
+    state.save_plan(&plan)?;
+    let host_keys: BTreeMap<String, String> = keys
+        .host_keys
+        .iter()
+        .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
+        .collect();
+    let route_check: Option<exec::RouteCheck> = if env.host_checks && uri.starts_with("qemu:///") {
+        let host = req.host.clone();
+        Some(Arc::new(move |addr, bridge: &str| {
+            host.route_goes_through(addr, bridge)
+        }))
+    } else {
+        None
+    };
+    let journal = journal
+        .filter(|j| j.lab == lab.name)
+        .unwrap_or_else(|| Journal::new(&lab.name));
+    let ctx = UpContext {
+        backend: Arc::clone(&backend),
+        plan: Arc::new(plan.clone()),
+        rendered: Arc::new(rendered),
+        user_private_key: Arc::new(state.user_private_key()?),
+        host_keys: Arc::new(host_keys),
+        timeouts: lab.timeouts.clone(),
+        printer: p.clone(),
+        jobs: req.jobs,
+        dialer: Arc::clone(&env.dialer),
+        journal: Arc::new(JournalHandle::new(Some(state.clone()), journal)),
+        seed_hashes: Arc::new(hashes),
+        route_check,
+        call_timeout: env.call_timeout,
+        // The console log is a file on this host only for a local hypervisor.
+        follow_console: env.host_checks && uri.starts_with("qemu:///"),
+    };
+    write_access_files(state, &plan, &keys)?;
+    match exec::apply_up(&ctx, &todo.actions).await {
+        Ok(reports) => Ok(UpOutcome::Done {
+            plan: Box::new(plan),
+            accel,
+            changed: true,
+            reports,
+            drift: todo.drift,
+        }),
+        Err(e) => Err(Error::user(
+            format!("lab {} is not up:\n{}", plan.lab, chain(&e)),
+            format!(
+                "fix the cause and run `klab up` again (it continues where it stopped), or remove the lab with `klab down {}`",
+                plan.lab
+            ),
+        )),
+    }
+}
+
+fn write_access_files(
+    state: &StateDir,
+    plan: &LabPlan,
+    keys: &crate::plan::KeyMaterial,
+) -> Result<(), Error> {
+    let mut known = String::new();
+    for (node, key) in &keys.host_keys {
+        if let Some(n) = plan.node(node) {
+            known.push_str(&crate::keys::known_hosts_line(
+                &[n.ssh_address.to_string(), n.name.clone()],
+                &key.public_openssh,
+            ));
+            known.push('\n');
+        }
+    }
+    let kh = state.write_file("known_hosts", &known)?;
+    state.write_file(
+        "ssh_config",
+        &crate::commands::ssh::render_ssh_config(plan, &state.user_key_path(), &kh),
+    )?;
+    Ok(())
+}
