@@ -41,6 +41,29 @@ pub struct Host {
     /// libvirt connection URI; `None` = caller's default (`--connect`, `KLAB_CONNECT`, `qemu:///system`).
     pub uri: Option<String>,
     pub accel: Accel,
+    /// Which hypervisor drives the lab (`[host] backend`).
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+/// `[host] backend`: the hypervisor klab drives.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default, Hash, PartialOrd, Ord,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Libvirt,
+    Hyperv,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Libvirt => "libvirt",
+            Self::Hyperv => "hyperv",
+        }
+    }
 }
 
 /// Accelerator choice: `auto` asks the hypervisor; `qemu` is TCG and works everywhere.

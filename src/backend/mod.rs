@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 pub mod fake;
+pub mod hyperv;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod xml;

@@ -463,6 +463,31 @@ nics = [ { network = "net" } ]
     }
 
     #[test]
+    fn backend_defaults_to_libvirt_and_hyperv_lab_selects_hyperv() {
+        use crate::model::BackendKind;
+        assert_eq!(lab_file("local.toml").host.backend, BackendKind::Libvirt);
+        let lab = lab_file("seed-000-hyperv.toml");
+        assert_eq!(lab.host.backend, BackendKind::Hyperv);
+        assert_eq!(lab.host.backend.as_str(), "hyperv");
+        let ips: Vec<String> = lab.nodes.iter().map(|n| n.nics[1].ip.to_string()).collect();
+        assert_eq!(ips, ["10.10.1.10", "10.10.1.11", "10.10.1.12"]);
+    }
+
+    #[test]
+    fn hyperv_bridge_takes_windows_adapter_names() {
+        let src = "name = \"t\"\n[host]\nbackend = \"hyperv\"\n[networks.lan]\nmode = \"bridge\"\nbridge = \"vEthernet (Wi-Fi 2)\"\ncidr = \"192.168.1.0/24\"\ngateway = \"192.168.1.1\"\n[[nodes]]\nname = \"a\"\nnics = [ { network = \"lan\", ip = \"192.168.1.20\" } ]\n";
+        let lab = parse_str(src, "t.toml").unwrap();
+        assert_eq!(
+            lab.networks[0].bridge.as_deref(),
+            Some("vEthernet (Wi-Fi 2)")
+        );
+        // The same name on libvirt is not a Linux interface name.
+        let libvirt = src.replace("backend = \"hyperv\"", "backend = \"libvirt\"");
+        let err = parse_str(&libvirt, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("is not a valid interface name"), "{err}");
+    }
+
+    #[test]
     fn e2e_lab_is_small_plain_and_isolated() {
         let lab = lab_file("e2e-isolated.toml");
         assert_eq!(lab.host.accel, crate::model::Accel::Qemu);

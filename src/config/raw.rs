@@ -115,6 +115,15 @@ pub struct HostConfig {
     pub uri: Option<Field<String>>,
     /// Accelerator: `auto` uses KVM where libvirt offers it; `qemu` (TCG) works everywhere.
     pub accel: Option<Field<AccelName>>,
+    /// Hypervisor: `libvirt` (default) or `hyperv` (Windows Hyper-V through PowerShell, also from WSL2).
+    pub backend: Option<Field<BackendName>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendName {
+    Libvirt,
+    Hyperv,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

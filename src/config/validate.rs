@@ -14,14 +14,14 @@ use ipnetwork::Ipv4Network;
 
 use super::Diagnostic;
 use super::raw::{
-    AccelName, CniName, DurationConfig, EncapsulationName, FamilyName, Field, LabConfig, Lenient,
-    ModeName, NodeConfig, RoleName, Sp,
+    AccelName, BackendName, CniName, DurationConfig, EncapsulationName, FamilyName, Field,
+    LabConfig, Lenient, ModeName, NodeConfig, RoleName, Sp,
 };
 use super::units::{self, UnitError};
 use crate::catalog;
 use crate::model::{
-    Accel, Cni, Encapsulation, Host, Image, ImageSource, Kubernetes, Lab, Network, NetworkMode,
-    Nic, Node, OsFamily, Role, Timeouts, defaults,
+    Accel, BackendKind, Cni, Encapsulation, Host, Image, ImageSource, Kubernetes, Lab, Network,
+    NetworkMode, Nic, Node, OsFamily, Role, Timeouts, defaults,
 };
 use crate::plan::ipam;
 use crate::plan::versions::{self, K8sVersion, Support};
@@ -503,6 +503,9 @@ pub(super) fn validate(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Option<Lab> {
     let defs = defaults_section(cfg, ctx);
     let mut nets = networks(cfg, ctx);
     check_network_overlaps(&nets, ctx);
+    if host.backend == BackendKind::Hyperv {
+        check_hyperv_nat(&nets, ctx);
+    }
     let k8s = kubernetes(cfg, &nets, ctx);
     let nodes: Vec<NodeDraft> = cfg
         .nodes
@@ -648,7 +651,26 @@ fn host(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Host {
             AccelName::Qemu => Accel::Qemu,
         };
     }
+    if let Some((b, _)) = ctx.choice(&h.value.backend, &at, "backend", &["libvirt", "hyperv"]) {
+        host.backend = match b {
+            BackendName::Libvirt => BackendKind::Libvirt,
+            BackendName::Hyperv => BackendKind::Hyperv,
+        };
+    }
     host
+}
+
+/// `[host] backend = "hyperv"`, read straight from the file (network checks depend on it).
+fn is_hyperv(cfg: &LabConfig) -> bool {
+    cfg.host
+        .as_ref()
+        .and_then(|h| h.value.backend.as_ref())
+        .is_some_and(|f| matches!(f.value, Lenient::Ok(BackendName::Hyperv)))
+}
+
+/// Hyper-V's NAT-and-DHCP switch (Windows client). Its subnet changes at every host reboot.
+fn is_default_switch(name: &str) -> bool {
+    name.trim().eq_ignore_ascii_case("Default Switch")
 }
 
 fn timeouts(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Timeouts {
@@ -1028,6 +1050,7 @@ fn is_network_key(s: &str) -> bool {
 }
 
 fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
+    let hyperv = is_hyperv(cfg);
     let mut out = Vec::new();
     for (key, entry) in &cfg.networks {
         let at = Place::Network(key);
@@ -1136,7 +1159,35 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
                     );
                     ok = false;
                     None
-                } else if b.is_empty() || b.len() > 15 || b.contains(['/', ' ', ':', '\t']) {
+                } else if hyperv && is_default_switch(b) {
+                    ctx.report(
+                        &span,
+                        &at.field("bridge"),
+                        format!(
+                            "network `{key}`: the Hyper-V Default Switch cannot carry static addresses"
+                        ),
+                        Some(
+                            "its subnet changes at every host reboot; use mode = \"nat\" (klab makes \
+                             an Internal switch with a NetNat) or bridge = \"<physical adapter>\""
+                                .into(),
+                        ),
+                    );
+                    ok = false;
+                    None
+                } else if hyperv
+                    && (b.trim().is_empty() || b.len() > 256 || b.chars().any(char::is_control))
+                {
+                    ctx.report(
+                        &span,
+                        &at.field("bridge"),
+                        format!("network `{key}`: bridge `{b}` is not a network adapter name"),
+                        Some("name the host adapter as `Get-NetAdapter` shows it, e.g. bridge = \"Ethernet\"".into()),
+                    );
+                    ok = false;
+                    None
+                } else if !hyperv
+                    && (b.is_empty() || b.len() > 15 || b.contains(['/', ' ', ':', '\t']))
+                {
                     ctx.report(
                         &span,
                         &at.field("bridge"),
@@ -1208,6 +1259,23 @@ fn networks(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Vec<NetDraft> {
         });
     }
     out
+}
+
+/// Windows has one WinNAT network per host, so a Hyper-V lab can have at most one `nat` network.
+fn check_hyperv_nat(nets: &[NetDraft], ctx: &mut Ctx<'_>) {
+    let mut nat = nets.iter().filter(|n| n.mode == Some(NetworkMode::Nat));
+    let Some(first) = nat.next() else { return };
+    for n in nat {
+        ctx.report(
+            &n.span,
+            &format!("networks.{}", n.name),
+            format!(
+                "network `{}`: a Hyper-V host has one NAT network, and `{}` is already nat",
+                n.name, first.name
+            ),
+            Some("make this network mode = \"isolated\" (an Internal switch) or bridge it onto an adapter".into()),
+        );
+    }
 }
 
 fn check_network_overlaps(nets: &[NetDraft], ctx: &mut Ctx<'_>) {

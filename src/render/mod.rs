@@ -3,6 +3,7 @@
 //! the CLI reads `--templates DIR` and passes the contents in.
 
 mod filters;
+pub mod powershell;
 mod value;
 
 pub use filters::{xml_escape, yaml_quote};
@@ -95,6 +96,11 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ),
 ];
 
+/// Every embedded template: [`BUILTIN`] plus the Hyper-V backend's `powershell/` scripts.
+fn all_builtin() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    BUILTIN.iter().chain(powershell::BUILTIN_PS)
+}
+
 /// Stand-ins rendered when no key material exists yet (`klab plan`/`render` before `up`).
 pub const PLACEHOLDER_USER_KEY: &str = "ssh-ed25519 AAAA-placeholder-generated-at-klab-up";
 pub const PLACEHOLDER_HOST_PUBLIC: &str =
@@ -154,13 +160,13 @@ impl Templates {
         env.set_syntax(syntax);
         env.add_filter("xml", filters::xml);
         env.add_filter("yaml", filters::yaml);
+        env.add_filter("ps", powershell::ps_filter);
 
         for name in overrides.keys() {
-            if !BUILTIN.iter().any(|(n, _)| n == name) {
+            if !all_builtin().any(|(n, _)| n == name) {
                 return Err(RenderError::UnknownTemplate {
                     name: name.clone(),
-                    known: BUILTIN
-                        .iter()
+                    known: all_builtin()
                         .map(|(n, _)| *n)
                         .collect::<Vec<_>>()
                         .join(", "),
@@ -169,7 +175,7 @@ impl Templates {
         }
         let overridden: Vec<String> = overrides.keys().cloned().collect();
         let mut overrides = overrides;
-        for (name, builtin) in BUILTIN {
+        for (name, builtin) in all_builtin() {
             let source = overrides
                 .remove(*name)
                 .unwrap_or_else(|| (*builtin).to_string());
