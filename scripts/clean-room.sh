@@ -122,10 +122,12 @@ start=$SECONDS
 bash scripts/setup-host.sh && bash scripts/demo.sh
 echo "== README command finished in $((SECONDS - start)) s"
 klab=./target/release/klab
-$klab status local
-$klab ssh node1 -- true
-$klab ssh-config local > /tmp/ssh_config && grep -q '^Host node1' /tmp/ssh_config
-$klab down local
+step() { echo "== $*"; "$@" || { rc=$?; echo "== FAILED (exit $rc): $*"; exit "$rc"; }; }
+step $klab status local
+step $klab ssh node1 -- 'test "$(hostname)" = node1'
+$klab ssh-config local > /tmp/ssh_config
+grep -qE '^Host (.+ )?node1( |$)' /tmp/ssh_config || { echo "== FAILED: no Host entry for node1 in klab ssh-config:"; cat /tmp/ssh_config; exit 1; }
+step $klab down local
 left="$(virsh -c qemu:///system list --all --name; virsh -c qemu:///system net-list --all --name; virsh -c qemu:///system pool-list --all --name)"
 if [ -n "$(echo "$left" | tr -d '[:space:]')" ]; then echo "klab down left objects behind:"; echo "$left"; exit 1; fi
 echo "== clean room: README command, status, ssh, down all worked"
