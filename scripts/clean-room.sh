@@ -9,8 +9,8 @@
 #
 #     bash scripts/setup-host.sh && bash scripts/demo.sh
 #
-# then `klab status`, `klab ssh node1 -- true` and `klab down local`, and checks that the room's libvirt
-# holds no domain, network or pool afterwards. Exit status 0 only when all of that worked.
+# then `klab status`, `klab ssh node1 -- …`, `klab ssh-config` and `klab down local`, and checks that the
+# room's libvirt holds no domain, network or pool of the lab afterwards. Exit status 0 only when all of that worked.
 #
 # The room shares the host's network namespace (apt and cargo need the package registries), so its
 # lab bridges live next to the host's: the script takes the same lock as the QEMU tests
@@ -128,8 +128,10 @@ step $klab ssh node1 -- 'test "$(hostname)" = node1'
 $klab ssh-config local > /tmp/ssh_config
 grep -qE '^Host (.+ )?node1( |$)' /tmp/ssh_config || { echo "== FAILED: no Host entry for node1 in klab ssh-config:"; cat /tmp/ssh_config; exit 1; }
 step $klab down local
-left="$(virsh -c qemu:///system list --all --name; virsh -c qemu:///system net-list --all --name; virsh -c qemu:///system pool-list --all --name)"
-if [ -n "$(echo "$left" | tr -d '[:space:]')" ]; then echo "klab down left objects behind:"; echo "$left"; exit 1; fi
+# libvirt's own `default` network (libvirt-daemon-config-network) is not the lab's: only klab's count.
+left="$( { virsh -c qemu:///system list --all --name; virsh -c qemu:///system net-list --all --name; virsh -c qemu:///system pool-list --all --name; } | grep '^klab-' || true)"
+if [ -n "$left" ]; then echo "klab down left objects behind:"; echo "$left"; exit 1; fi
+if ls /var/lib/klab/pools/local /var/lib/klab/labs/local >/dev/null 2>&1; then echo "klab down left the lab's pool or state directory"; exit 1; fi
 echo "== clean room: README command, status, ssh, down all worked"
 INNER
 chmod +x "$root/root/run-readme.sh"
