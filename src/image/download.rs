@@ -40,11 +40,17 @@ impl Source {
 }
 
 fn agent() -> ureq::Agent {
+    agent_with_body_bound(Duration::from_secs(3600))
+}
+
+/// The HTTP client of every host-side download (images, the Calico manifest): bounded connect and
+/// response waits, and a bound on the whole body, since ureq has no idle timeout and a stalled
+/// server must not hang `klab up`.
+pub(crate) fn agent_with_body_bound(body: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_connect(Some(Duration::from_secs(20)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
-        // ureq has no idle timeout; bound the whole body so a stalled server cannot hang `klab up`.
-        .timeout_recv_body(Some(Duration::from_secs(3600)))
+        .timeout_recv_body(Some(body))
         .user_agent(concat!("klab/", env!("CARGO_PKG_VERSION")))
         .build()
         .into()

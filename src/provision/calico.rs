@@ -227,13 +227,8 @@ pub fn ensure_manifest(
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .timeout_connect(Some(Duration::from_secs(20)))
-        .timeout_recv_response(Some(Duration::from_secs(60)))
-        .timeout_recv_body(Some(Duration::from_secs(600)))
-        .user_agent(concat!("klab/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into()
+    // A manifest is a few hundred KiB: ten minutes is generous.
+    crate::image::download::agent_with_body_bound(Duration::from_secs(600))
 }
 
 fn download(spec: &ManifestSpec, dest: &Path, progress: &dyn Progress) -> Result<(), CalicoError> {

@@ -46,16 +46,12 @@ impl Server {
     }
 }
 
-fn serve(
-    stream: TcpStream,
-    files: &HashMap<String, Vec<u8>>,
-    hits: &Mutex<HashMap<String, usize>>,
-) {
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+/// The request line of a bodiless HTTP request (`GET /x HTTP/1.1`), its headers read and dropped;
+/// shared by the tests' local servers.
+pub fn read_request(stream: &TcpStream) -> Option<String> {
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut request_line = String::new();
-    if reader.read_line(&mut request_line).is_err() {
-        return;
-    }
+    reader.read_line(&mut request_line).ok()?;
     loop {
         let mut line = String::new();
         match reader.read_line(&mut line) {
@@ -64,6 +60,17 @@ fn serve(
             Ok(_) => {}
         }
     }
+    Some(request_line)
+}
+
+fn serve(
+    stream: TcpStream,
+    files: &HashMap<String, Vec<u8>>,
+    hits: &Mutex<HashMap<String, usize>>,
+) {
+    let Some(request_line) = read_request(&stream) else {
+        return;
+    };
     let path = request_line.split(' ').nth(1).unwrap_or("/").to_string();
     *hits.lock().unwrap().entry(path.clone()).or_default() += 1;
     let mut out = stream;

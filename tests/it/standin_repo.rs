@@ -7,7 +7,7 @@
 //! [`build`] and [`FileServer`] are what the QEMU end-to-end test reuses, serving on the host's
 //! address of the lab's isolated network instead of 127.0.0.1.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -111,22 +111,9 @@ fn percent_decode(path: &str) -> Option<String> {
 fn serve_file(stream: TcpStream, root: &Path) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
-    let Ok(clone) = stream.try_clone() else {
+    let Some(request) = super::image::read_request(&stream) else {
         return;
     };
-    let mut reader = BufReader::new(clone);
-    let mut request = String::new();
-    if reader.read_line(&mut request).is_err() {
-        return;
-    }
-    loop {
-        let mut line = String::new();
-        match reader.read_line(&mut line) {
-            Ok(0) | Err(_) => break,
-            Ok(_) if line == "\r\n" || line == "\n" => break,
-            Ok(_) => {}
-        }
-    }
     let mut words = request.split(' ');
     let method = words.next().unwrap_or("");
     let target = words.next().unwrap_or("/");
