@@ -129,6 +129,48 @@ pub enum Command {
     /// Manage base images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Run the Kubernetes phases again on a lab that is up (what `klab up` does after the VMs).
+    Provision(ProvisionArgs),
+    /// Print the lab's admin kubeconfig, or merge it into your kubeconfig.
+    Kubeconfig(KubeconfigArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ProvisionArgs {
+    /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+    pub name: Option<String>,
+    /// Take the lab name from this file.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Run this phase and every later one again, even where the journal has them finished (each
+    /// phase's probe still skips work that is in place). `klab plan` lists the phases.
+    #[arg(long, value_name = "PHASE")]
+    pub from: Option<String>,
+    /// Only this node's part of the phases (repeatable); cluster-wide checks still run.
+    #[arg(long, value_name = "NODE")]
+    pub node: Vec<String>,
+    /// Download a Calico release klab has no pinned sha256 for.
+    #[arg(long)]
+    pub allow_unpinned: bool,
+    /// How many nodes work at once in a parallel phase.
+    #[arg(long, short = 'j', default_value_t = 4)]
+    pub jobs: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct KubeconfigArgs {
+    /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+    pub name: Option<String>,
+    /// Take the lab name from this file.
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Merge into your kubeconfig ($KUBECONFIG's first file, else ~/.kube/config) with a context
+    /// named after the lab, made the current context.
+    #[arg(long)]
+    pub merge: bool,
+    /// Print the kubeconfig file's path instead of its content.
+    #[arg(long, conflicts_with = "merge")]
+    pub path: bool,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +187,12 @@ pub struct UpArgs {
     /// How many nodes to create and boot at once.
     #[arg(long, short = 'j', default_value_t = 4)]
     pub jobs: usize,
+    /// Stop after the VMs: do not build the Kubernetes cluster of a lab with [kubernetes].
+    #[arg(long)]
+    pub no_kubernetes: bool,
+    /// Download a Calico release klab has no pinned sha256 for.
+    #[arg(long)]
+    pub allow_unpinned: bool,
 }
 
 #[derive(Debug, Args)]
@@ -171,7 +219,7 @@ pub enum ImageCommand {
         /// Rebuild even when a built image exists.
         #[arg(long)]
         force: bool,
-        /// Add containerd and runc to the image (for provisioner tests).
+        /// Add containerd, runc, curl, openssl and keepalived (for provisioner tests).
         #[arg(long)]
         with_containerd: bool,
         /// Debian mirror to bootstrap from.

@@ -78,6 +78,13 @@ pub trait NodeSession: Send + Sync {
         command: &'a str,
         timeout: Duration,
     ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>>;
+    /// Like `exec`, with bytes on the command's stdin (the provisioner writes files this way).
+    fn exec_input<'a>(
+        &'a self,
+        command: &'a str,
+        stdin: Option<&'a [u8]>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>>;
     fn close(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
@@ -121,6 +128,14 @@ impl NodeSession for SshSession {
     ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
         Box::pin(Remote::exec(self, command, None, timeout))
     }
+    fn exec_input<'a>(
+        &'a self,
+        command: &'a str,
+        stdin: Option<&'a [u8]>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
+        Box::pin(Remote::exec(self, command, stdin, timeout))
+    }
     fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(SshSession::close(*self))
     }
@@ -133,6 +148,14 @@ impl NodeSession for crate::provision::recording::RecordingRemote {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
         Box::pin(Remote::exec(self, command, None, timeout))
+    }
+    fn exec_input<'a>(
+        &'a self,
+        command: &'a str,
+        stdin: Option<&'a [u8]>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<CommandOutput, RemoteError>> {
+        Box::pin(Remote::exec(self, command, stdin, timeout))
     }
     fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async {})

@@ -15,6 +15,7 @@ pub mod config;
 pub mod exec;
 pub mod image;
 pub mod keys;
+pub mod kubeconfig;
 pub mod model;
 pub mod observed;
 pub mod output;

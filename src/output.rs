@@ -126,6 +126,13 @@ impl NodeProgress {
         }
     }
 
+    /// A detail shown on the terminal's bar only (plain logs get [`NodeProgress::step`] lines).
+    pub fn detail(&self, msg: &str) {
+        if self.tty {
+            self.bar.set_message(msg.to_string());
+        }
+    }
+
     /// The last word on this node. On a terminal the bar becomes a plain line above the bars still
     /// running, so finished nodes and the result lines after them read in the order they happened.
     pub fn done(&self, msg: &str) {

@@ -363,6 +363,32 @@ impl StateDir {
         Ok(p)
     }
 
+    /// Write `rel` (a path under the state directory, e.g. `cluster/ca.key`) owner-only: the
+    /// file 0600, any directory it needs 0700.
+    pub fn write_private_file(&self, rel: &str, content: &[u8]) -> Result<PathBuf, StateError> {
+        self.ensure_dir()?;
+        let p = self.dir.join(rel);
+        if let Some(parent) = p.parent()
+            && parent != self.dir
+        {
+            fs::create_dir_all(parent).map_err(io("cannot create", parent))?;
+            fs::set_permissions(parent, fs::Permissions::from_mode(0o700))
+                .map_err(io("cannot set permissions on", parent))?;
+        }
+        write_private(&p, content)?;
+        Ok(p)
+    }
+
+    /// `rel` under the state directory; `None` when it does not exist.
+    pub fn read_file(&self, rel: &str) -> Result<Option<String>, StateError> {
+        let p = self.dir.join(rel);
+        match fs::read_to_string(&p) {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("cannot read", &p)(e)),
+        }
+    }
+
     /// Remove the whole state directory. Absent = fine.
     pub fn remove(&self) -> Result<(), StateError> {
         match fs::remove_dir_all(&self.dir) {

@@ -4,6 +4,7 @@ pub mod doctor;
 pub mod down;
 pub mod image;
 pub mod info;
+pub mod kube;
 pub mod offline;
 pub mod ssh;
 pub mod up;
@@ -54,6 +55,8 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
         Command::SshConfig { name } => ssh::ssh_config(&printer, name),
         Command::Doctor { file } => doctor::doctor(&printer, g, file.as_deref()).await,
         Command::Image(cmd) => image::image(&printer, cmd).await,
+        Command::Provision(args) => kube::provision(&printer, g, &args).await,
+        Command::Kubeconfig(args) => kube::kubeconfig(&printer, &args),
     }
 }
 

@@ -21,6 +21,8 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
         recreate: args.recreate.iter().cloned().collect(),
         jobs: args.jobs,
         host: Default::default(),
+        kubernetes: !args.no_kubernetes,
+        allow_unpinned: args.allow_unpinned,
         lab,
     };
     match crate::usecase::up::up(&super::env(p), req).await? {
@@ -42,7 +44,16 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
             changed,
             reports,
             drift,
-        } => report(p, &plan, &reports, !changed, accel, &drift),
+            kubernetes,
+        } => report(
+            p,
+            &plan,
+            &reports,
+            !changed,
+            accel,
+            &drift,
+            kubernetes.as_ref(),
+        ),
     }
     Ok(())
 }
@@ -54,12 +65,13 @@ fn report(
     noop: bool,
     accel: Accel,
     drift: &[crate::reconcile::Drift],
+    kubernetes: Option<&crate::usecase::provision::ProvisionOutcome>,
 ) {
     if p.is_json() {
         p.json(&json!({
             "lab": plan.lab,
             "changed": !noop,
-            "kubernetes_provisioned": false,
+            "kubernetes": kubernetes.map(|k| super::kube::cluster_json(plan, k)),
             "accelerator": accel.as_str(),
             "drift": drift,
             "nodes": plan.nodes.iter().map(|n| json!({
@@ -108,16 +120,13 @@ fn report(
             );
         }
     }
-    if let Some(k) = &plan.kubernetes {
-        p.note(format!(
-            "note: this klab version builds the VMs only; the Kubernetes {} steps ({}) are planned but not run yet",
-            k.version,
-            plan.steps
-                .iter()
-                .map(|s| s.id.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    match (kubernetes, &plan.kubernetes) {
+        (Some(k), _) => super::kube::cluster_summary(p, plan, k),
+        (None, Some(k)) => p.note(format!(
+            "note: --no-kubernetes: the Kubernetes {} phases were not run; `klab up` without it (or `klab provision {}`) builds the cluster",
+            k.version, plan.lab
+        )),
+        (None, None) => {}
     }
     let first = plan
         .nodes

@@ -66,7 +66,10 @@ pub const DEBIAN12_PACKAGES: &[&str] = &[
     "systemd-resolved",
     "linux-image-amd64",
 ];
-pub const CONTAINERD_PACKAGES: &[&str] = &["containerd", "runc"];
+/// What `--with-containerd` adds: the container runtime the provisioner configures, and the tools a
+/// cloud image has that the minimal build lacks (curl fetches the Kubernetes repository key, openssl
+/// and keepalived serve the provisioner's end-to-end tests).
+pub const CONTAINERD_PACKAGES: &[&str] = &["containerd", "runc", "curl", "openssl", "keepalived"];
 
 /// Units that only cost boot time in a lab VM.
 const MASKED_UNITS: &[&str] = &[

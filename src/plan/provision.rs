@@ -138,6 +138,30 @@ pub enum PhaseId {
 }
 
 impl PhaseId {
+    /// Every phase, in the order they run.
+    pub const ALL: [PhaseId; 15] = [
+        Self::DetectOs,
+        Self::Preflight,
+        Self::PackageRepo,
+        Self::ResolveVersion,
+        Self::KubernetesPackages,
+        Self::Containerd,
+        Self::Vip,
+        Self::KubeadmInit,
+        Self::JoinCredentials,
+        Self::JoinControlPlane,
+        Self::JoinWorkers,
+        Self::Calico,
+        Self::WaitReady,
+        Self::Kubeconfig,
+        Self::Verify,
+    ];
+
+    /// The phase named `name` (`kubeadm-init`).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::DetectOs => "detect-os",

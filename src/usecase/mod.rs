@@ -6,6 +6,7 @@
 
 pub mod down;
 pub mod host;
+pub mod provision;
 pub mod status;
 pub mod up;
 

@@ -30,6 +30,11 @@ pub struct UpRequest {
     pub recreate: BTreeSet<String>,
     pub jobs: usize,
     pub host: HostFs,
+    /// Build the Kubernetes cluster after the VMs (labs with `[kubernetes]`); `false` stops after
+    /// the VMs (`--no-kubernetes`).
+    pub kubernetes: bool,
+    /// Download a Calico release klab has no pinned digest for.
+    pub allow_unpinned: bool,
 }
 
 #[derive(Debug)]
@@ -45,6 +50,8 @@ pub enum UpOutcome {
         changed: bool,
         reports: Vec<NodeReport>,
         drift: Vec<Drift>,
+        /// What the provisioner did (labs with `[kubernetes]`, unless turned off).
+        kubernetes: Option<super::provision::ProvisionOutcome>,
     },
 }
 
@@ -205,15 +212,49 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         klab_version: env!("CARGO_PKG_VERSION").to_string(),
     })?;
 
+    let host_keys: BTreeMap<String, String> = keys
+        .host_keys
+        .iter()
+        .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
+        .collect();
+    let route_check: Option<exec::RouteCheck> = if env.host_checks && uri.starts_with("qemu:///") {
+        let host = req.host.clone();
+        Some(Arc::new(move |addr, bridge: &str| {
+            host.route_goes_through(addr, bridge)
+        }))
+    } else {
+        None
+    };
+    let journal = Arc::new(JournalHandle::new(
+        Some(state.clone()),
+        journal
+            .filter(|j| j.lab == lab.name)
+            .unwrap_or_else(|| Journal::new(&lab.name)),
+    ));
+    let user_private_key = state.user_private_key()?;
+
     if todo.is_noop() {
         state.save_plan(&plan)?;
         write_access_files(state, &plan, &keys)?;
+        let kubernetes = provision(
+            env,
+            req,
+            state,
+            &plan,
+            &journal,
+            &user_private_key,
+            &host_keys,
+            route_check,
+        )
+        .await?;
+        let changed = kubernetes.as_ref().is_some_and(|k| k.changed);
         return Ok(UpOutcome::Done {
             plan: Box::new(plan),
             accel,
-            changed: false,
+            changed,
             reports: Vec::new(),
             drift: todo.drift,
+            kubernetes,
         });
     }
 
@@ -255,48 +296,46 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         .map_err(|e| Error::Internal(format!("cannot create {}: {e}", console_dir.display())))?;
 
     state.save_plan(&plan)?;
-    let host_keys: BTreeMap<String, String> = keys
-        .host_keys
-        .iter()
-        .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
-        .collect();
-    let route_check: Option<exec::RouteCheck> = if env.host_checks && uri.starts_with("qemu:///") {
-        let host = req.host.clone();
-        Some(Arc::new(move |addr, bridge: &str| {
-            host.route_goes_through(addr, bridge)
-        }))
-    } else {
-        None
-    };
-    let journal = journal
-        .filter(|j| j.lab == lab.name)
-        .unwrap_or_else(|| Journal::new(&lab.name));
     let ctx = UpContext {
         backend: Arc::clone(&backend),
         plan: Arc::new(plan.clone()),
         rendered: Arc::new(rendered),
-        user_private_key: Arc::new(state.user_private_key()?),
-        host_keys: Arc::new(host_keys),
+        user_private_key: Arc::new(user_private_key.clone()),
+        host_keys: Arc::new(host_keys.clone()),
         timeouts: lab.timeouts.clone(),
         printer: p.clone(),
         jobs: req.jobs,
         dialer: Arc::clone(&env.dialer),
-        journal: Arc::new(JournalHandle::new(Some(state.clone()), journal)),
+        journal: Arc::clone(&journal),
         seed_hashes: Arc::new(hashes),
-        route_check,
+        route_check: route_check.clone(),
         call_timeout: env.call_timeout,
         // The console log is a file on this host only for a local hypervisor.
         follow_console: env.host_checks && uri.starts_with("qemu:///"),
     };
     write_access_files(state, &plan, &keys)?;
     match exec::apply_up(&ctx, &todo.actions).await {
-        Ok(reports) => Ok(UpOutcome::Done {
-            plan: Box::new(plan),
-            accel,
-            changed: true,
-            reports,
-            drift: todo.drift,
-        }),
+        Ok(reports) => {
+            let kubernetes = provision(
+                env,
+                req,
+                state,
+                &plan,
+                &journal,
+                &user_private_key,
+                &host_keys,
+                route_check,
+            )
+            .await?;
+            Ok(UpOutcome::Done {
+                plan: Box::new(plan),
+                accel,
+                changed: true,
+                reports,
+                drift: todo.drift,
+                kubernetes,
+            })
+        }
         Err(e) => Err(Error::user(
             format!("lab {} is not up:\n{}", plan.lab, chain(&e)),
             format!(
@@ -305,6 +344,41 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             ),
         )),
     }
+}
+
+/// The provisioner, once every node is verified (labs with `[kubernetes]`).
+#[allow(clippy::too_many_arguments)]
+async fn provision(
+    env: &Env,
+    req: &UpRequest,
+    state: &StateDir,
+    plan: &LabPlan,
+    journal: &Arc<JournalHandle>,
+    user_private_key: &str,
+    host_keys: &BTreeMap<String, String>,
+    route_check: Option<exec::RouteCheck>,
+) -> Result<Option<super::provision::ProvisionOutcome>, Error> {
+    if !req.kubernetes || plan.kubernetes.is_none() {
+        return Ok(None);
+    }
+    super::provision::provision(
+        env,
+        state,
+        super::provision::ProvisionInput {
+            plan,
+            templates: &req.templates,
+            timeouts: &req.lab.timeouts,
+            journal: Arc::clone(journal),
+            user_private_key,
+            host_keys,
+            from: None,
+            only: None,
+            allow_unpinned_calico: req.allow_unpinned,
+            route_check,
+            jobs: req.jobs,
+        },
+    )
+    .await
 }
 
 fn write_access_files(

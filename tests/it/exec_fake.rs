@@ -202,6 +202,8 @@ impl World {
                 .collect::<BTreeSet<_>>(),
             jobs: 3,
             host: Default::default(),
+            kubernetes: false,
+            allow_unpinned: false,
         }
     }
 
