@@ -1237,6 +1237,17 @@ fn verify(c: &Ctx<'_>) -> Phase {
         "{range .items[*]}{.metadata.name}={.metadata.annotations.projectcalico\\.org/IPv4Address}{\"\\n\"}{end}",
         &calico,
     );
+    // A CoreDNS pod on another node answers its health port through Calico's overlay: the pod
+    // network works across nodes (no image to pull, nothing to clean up).
+    let pod_reach = format!(
+        r#"me=$(hostname)
+pods=$({kc} -n kube-system get pods -l k8s-app=kube-dns -o jsonpath='{{range .items[*]}}{{.spec.nodeName}} {{.status.podIP}}{{"\n"}}{{end}}')
+target=$(printf '%s\n' "$pods" | awk -v me="$me" '$1 != me && $2 != "" {{print $2; exit}}')
+if [ -z "$target" ]; then echo "no CoreDNS pod runs on another node than $me: pod reachability across nodes not checked" >&2; exit 2; fi
+curl -fsS --max-time 10 "http://$target:8080/health" | grep -qx OK && exit 0
+echo "the CoreDNS pod $target on another node does not answer through the pod network" >&2
+exit 1"#
+    );
     phase(
         PhaseId::Verify,
         "verify the pinning: every InternalIP and every calico-node address is the node's cluster address",
@@ -1249,6 +1260,11 @@ fn verify(c: &Ctx<'_>) -> Phase {
                     .hint("a kubelet ignored its node-ip: /var/lib/kubelet/kubeadm-flags.env on that node")),
                 run(cmd("calico-node addresses on the cluster network", &detected, QUICK)
                     .hint("calico-node picked another address: IP_AUTODETECTION_METHOD of the calico-node DaemonSet")),
+                run(CommandOp {
+                    warn_exit: vec![2],
+                    ..cmd("this node reaches a pod on another node through the pod network", &pod_reach, QUICK)
+                        .hint("Calico's routes or encapsulation between the nodes: `kubectl -n kube-system logs ds/calico-node`; the cluster network must pass VXLAN (UDP 4789) or IP-in-IP. Exit 2: no CoreDNS pod runs on another node, so nothing was checked")
+                }),
             ],
         }],
     )

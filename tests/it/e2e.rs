@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 const URI: &str = "qemu:///system";
 
-fn klab(args: &[&str]) -> Output {
+pub(crate) fn klab(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_klab"))
         .args(args)
         .env("KLAB_CONNECT", URI)
@@ -26,7 +26,7 @@ fn klab(args: &[&str]) -> Output {
     out
 }
 
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = klab(args);
     assert!(out.status.success(), "klab {} failed", args.join(" "));
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -41,7 +41,7 @@ fn virsh(args: &[&str]) -> Output {
         .expect("run virsh")
 }
 
-fn virsh_names(args: &[&str]) -> Vec<String> {
+pub(crate) fn virsh_names(args: &[&str]) -> Vec<String> {
     String::from_utf8_lossy(&virsh(args).stdout)
         .lines()
         .map(|l| l.trim().to_string())

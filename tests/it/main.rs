@@ -11,6 +11,7 @@ mod image;
 mod invalid;
 mod labs_plan;
 mod modes;
+mod provision;
 mod provision_plan;
 mod pty;
 mod purity;
