@@ -10,13 +10,33 @@
 #   CRI_VERSION    deb version of cri-tools ["1.36.0-1.1"]
 #   ARCH           package architecture [dpkg --print-architecture]
 #
-# The packages hold POSIX sh stand-ins, not Kubernetes: they answer the version queries klab's
-# phases make, record every call under /var/log/klab-standin/ and write what the real kubeadm would
-# (admin.conf, kubelet.conf, pki, static-pod manifests). The signing key is made for this build and
-# thrown away; only its public half is kept, armored, as `Release.key` (as pkgs.k8s.io serves it).
+# The packages hold STAND-INS, not Kubernetes. kubeadm, kubelet and kubectl are python3 programs
+# (scripts/standin/*.py, each built as common.py + its own file; the guests' python3 and
+# python3-yaml — cloud-init's dependencies — run them; kubeadm also needs openssl); crictl is a
+# POSIX sh script. Together they are a small simulated cluster that klab's real phases check:
+#   kubeadm  checks --config against kubeadm v1beta4 (unknown fields refused), writes pki,
+#            kubeconfigs, static-pod manifests, /var/lib/kubelet/kubeadm-flags.env and config.yaml;
+#            `init` starts the stand-in API server, `join` discovers the CA from it (caCertHashes
+#            pinned), and a control plane's join is serialized by it (etcd's one-learner rule).
+#   apiserver /usr/lib/klab-standin/apiserver (in the kubeadm package) with the unit
+#            klab-standin-apiserver.service (shipped disabled; kubeadm init/join enable and start
+#            it): HTTPS on :6443, state in /var/lib/klab-standin/{cluster,objects}.json.
+#   kubelet  under systemd registers the node (InternalIP = --node-ip, else the default route's
+#            address; all its IPv4 addresses) and posts its status every 2 s.
+#   kubectl  answers the command shapes klab uses (get --raw, apply -k, get nodes/-o jsonpath,
+#            wait, rollout status, drain, delete node) with real kubectl's formats; anything else
+#            fails with `kubectl (stand-in): unsupported: …`.
+# Nodes are Ready once registered and the calico-node DaemonSet is applied; each node's
+# projectcalico.org/IPv4Address is what calico-node's IP_AUTODETECTION_METHOD would pick. Every
+# program records its calls under /var/log/klab-standin/ (calls.log and <prog>.log);
+# KLAB_STANDIN_ROOT moves all paths under a directory (tests on a host; see common.py for the
+# other test-only variables). The signing key is made for this build and thrown away; only its
+# public half is kept, armored, as `Release.key` (as pkgs.k8s.io serves it).
 #
 # Needs: dpkg-deb (dpkg), apt-ftparchive (apt-utils), gpg (gnupg).
 set -euo pipefail
+
+standin=$(cd "$(dirname "$0")/standin" && pwd)
 
 die() { printf 'standin-repo: %s\n' "$*" >&2; exit 1; }
 
@@ -24,6 +44,9 @@ die() { printf 'standin-repo: %s\n' "$*" >&2; exit 1; }
 out=$1
 for t in dpkg-deb apt-ftparchive gpg gpgconf; do
   command -v "$t" >/dev/null || die "\`$t\` is not installed (apt-get install dpkg apt-utils gnupg)"
+done
+for f in common kubeadm kubelet kubectl apiserver; do
+  [ -f "$standin/$f.py" ] || die "$standin/$f.py is missing"
 done
 
 kube_versions=${KUBE_VERSIONS:-"1.36.3-1.1 1.36.4-1.1"}
@@ -57,8 +80,9 @@ trap cleanup EXIT
 
 # --- the stand-in programs ---------------------------------------------------------------------
 
-# Shared prologue: where calls are recorded and files written (KLAB_STANDIN_ROOT moves everything,
-# for tests on a host), and `record`, which appends one line per call.
+# crictl's prologue (the python stand-ins have theirs in scripts/standin/common.py): where calls are
+# recorded (KLAB_STANDIN_ROOT moves everything, for tests on a host), and `record`, which appends
+# one line per call.
 prologue() {
   cat <<'SH'
 #!/bin/sh
@@ -78,41 +102,11 @@ record() {
 SH
 }
 
-# $1 = upstream version without the v (1.36.4)
-kubectl_script() {
-  prologue
-  cat <<SH
-VERSION=v$1
-SH
-  cat <<'SH'
-record kubectl "$@"
-for a in "$@"; do
-  case "$a" in
-    version)
-      echo "Client Version: $VERSION"
-      echo "Kustomize Version: v5.7.1"
-      exit 0 ;;
-    --version|--version=*) echo "Client Version: $VERSION"; exit 0 ;;
-  esac
-done
-exit 0
-SH
-}
-
-kubelet_script() {
-  prologue
-  cat <<SH
-VERSION=v$1
-SH
-  cat <<'SH'
-record kubelet "$@"
-case "${1:-}" in
-  --version|version) echo "Kubernetes $VERSION"; exit 0 ;;
-esac
-# Under systemd (kubelet.service) idle like a running kubelet; from a shell, return.
-if [ -n "${INVOCATION_ID:-}" ]; then exec sleep infinity; fi
-exit 0
-SH
+# python_program NAME VERSION: the python stand-in NAME for upstream VERSION (1.36.4, no v) on stdout.
+python_program() {
+  printf '#!/usr/bin/python3\n'
+  sed "s/@VERSION@/$2/" "$standin/common.py"
+  cat "$standin/$1.py"
 }
 
 crictl_script() {
@@ -127,187 +121,12 @@ case "${1:-}" in
   info)
     # Stand-in for a CRI call: containerd's CRI plugin must be loaded and ok.
     ctr --address /run/containerd/containerd.sock plugins ls 2>/dev/null |
-      grep -E '^io\.containerd\.(grpc\.v1|cri\.v1)[[:space:]]+(cri|runtime)[[:space:]].*[[:space:]]ok$' >/dev/null ||
+      grep -E '^io\.containerd\.(grpc\.v1|cri\.v1)[[:space:]]+(cri|runtime)[[:space:]].*[[:space:]]ok[[:space:]]*$' >/dev/null ||
       { echo "crictl (stand-in): containerd's CRI plugin is not running" >&2; exit 1; }
     echo '{"status":{"conditions":[{"type":"RuntimeReady","status":true}]},"klab":"stand-in"}'
     exit 0 ;;
 esac
 exit 0
-SH
-}
-
-kubeadm_script() {
-  prologue
-  cat <<SH
-VERSION=v$1
-SH
-  cat <<'SH'
-record kubeadm "$@"
-K="$R/etc/kubernetes"
-PKI="$K/pki"
-
-# --config FILE / --config=FILE, copied beside the log so the test can read what kubeadm was given.
-config=
-prev=
-for a in "$@"; do
-  case "$a" in --config=*) config=${a#--config=} ;; esac
-  [ "$prev" = --config ] && config=$a
-  prev=$a
-done
-keep_config() {
-  [ -n "$config" ] || { echo "kubeadm (stand-in): $1 needs --config" >&2; exit 1; }
-  [ -f "$config" ] || { echo "kubeadm (stand-in): config $config: no such file" >&2; exit 1; }
-  n=$(( $(ls "$LOG" | grep -c '^config-' || true) + 1 ))
-  cp "$config" "$LOG/config-$n-$1.yaml"
-}
-# First value of a `key: value` line in the config (quotes removed).
-field() {
-  sed -n "s/^[[:space:]-]*$1:[[:space:]]*//p" "$config" | head -n 1 | tr -d "\"'"
-}
-pem() {
-  # A real key and certificate when openssl is there; the files' names and modes are what matter.
-  name=$1 cn=$2
-  if command -v openssl >/dev/null; then
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 365 \
-      -subj "/CN=$(printf '%s' "$cn" | tr / -)" -keyout "$PKI/$name.key" -out "$PKI/$name.crt" >/dev/null 2>&1 ||
-      { echo "kubeadm (stand-in): openssl could not make $PKI/$name.crt" >&2; exit 1; }
-  else
-    printf -- '-----BEGIN CERTIFICATE-----\nc3RhbmQtaW4=\n-----END CERTIFICATE-----\n' > "$PKI/$name.crt"
-    printf -- '-----BEGIN PRIVATE KEY-----\nc3RhbmQtaW4=\n-----END PRIVATE KEY-----\n' > "$PKI/$name.key"
-  fi
-  chmod 0600 "$PKI/$name.key"
-}
-b64() { base64 < "$1" | tr -d '\n'; }
-kubeconfig() {
-  file=$1 user=$2 server=$3
-  umask 077
-  cat > "$file" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- cluster:
-    certificate-authority-data: $(b64 "$PKI/ca.crt")
-    server: https://$server
-  name: kubernetes
-contexts:
-- context:
-    cluster: kubernetes
-    user: $user
-  name: $user@kubernetes
-current-context: $user@kubernetes
-users:
-- name: $user
-  user:
-    client-certificate-data: $(b64 "$PKI/apiserver-kubelet-client.crt")
-    client-key-data: $(b64 "$PKI/apiserver-kubelet-client.key")
-preferences: {}
-EOF
-  umask 022
-}
-manifests() {
-  mkdir -p "$K/manifests"
-  for c in "$@"; do
-    printf 'apiVersion: v1\nkind: Pod\nmetadata:\n  name: %s\n  namespace: kube-system\n  annotations:\n    klab.dev/stand-in: "true"\nspec:\n  containers: []\n' \
-      "$c" > "$K/manifests/$c.yaml"
-  done
-}
-need_ca() {
-  [ -s "$PKI/ca.crt" ] && [ -s "$PKI/ca.key" ] ||
-    { echo "kubeadm (stand-in): $PKI/ca.crt and ca.key must exist before init (klab places its CA)" >&2; exit 1; }
-}
-
-case "${1:-}" in
-  version)
-    case "$*" in
-      *short*) echo "$VERSION" ;;
-      *) echo "kubeadm version: &version.Info{Major:\"1\", GitVersion:\"$VERSION\", Platform:\"linux/amd64\"} (klab stand-in)" ;;
-    esac ;;
-  config)
-    [ "${2:-}" = images ] && [ "${3:-}" = list ] || { echo "kubeadm (stand-in): unsupported: $*" >&2; exit 2; }
-    v=$VERSION repo=registry.k8s.io prev=
-    for a in "$@"; do
-      [ "$prev" = --kubernetes-version ] && v=$a
-      [ "$prev" = --image-repository ] && repo=$a
-      prev=$a
-    done
-    for c in kube-apiserver kube-controller-manager kube-scheduler kube-proxy; do echo "$repo/$c:$v"; done
-    if [ "$repo" = registry.k8s.io ]; then echo "$repo/coredns/coredns:v1.12.1"; else echo "$repo/coredns:v1.12.1"; fi
-    echo "$repo/pause:3.10.1"
-    echo "$repo/etcd:3.6.5-0" ;;
-  init)
-    if [ "${2:-}" = phase ]; then
-      [ "${3:-}" = upload-certs ] || { echo "kubeadm (stand-in): unsupported: $*" >&2; exit 2; }
-      [ -f "$K/admin.conf" ] || { echo "kubeadm (stand-in): upload-certs before init" >&2; exit 1; }
-      keep_config upload-certs
-      echo "[upload-certs] Storing the certificates in Secret \"kubeadm-certs\" in the \"kube-system\" Namespace"
-      exit 0
-    fi
-    keep_config init
-    [ ! -e "$K/manifests/kube-apiserver.yaml" ] ||
-      { echo "[preflight] error: $K/manifests/kube-apiserver.yaml already exists" >&2; exit 1; }
-    need_ca
-    endpoint=$(field controlPlaneEndpoint)
-    [ -n "$endpoint" ] || { echo "kubeadm (stand-in): no controlPlaneEndpoint in $config" >&2; exit 1; }
-    mkdir -p "$PKI/etcd"
-    for p in apiserver apiserver-kubelet-client apiserver-etcd-client front-proxy-ca front-proxy-client \
-             etcd/ca etcd/server etcd/peer etcd/healthcheck-client; do
-      pem "$p" "kubernetes-$p"
-    done
-    pem sa service-accounts
-    if command -v openssl >/dev/null; then openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null; else cp "$PKI/sa.crt" "$PKI/sa.pub"; fi
-    rm -f "$PKI/sa.crt"
-    kubeconfig "$K/admin.conf" kubernetes-admin "$endpoint"
-    kubeconfig "$K/super-admin.conf" kubernetes-super-admin "$endpoint"
-    kubeconfig "$K/kubelet.conf" "system:node:$(field name)" "$endpoint"
-    kubeconfig "$K/controller-manager.conf" system:kube-controller-manager "$endpoint"
-    kubeconfig "$K/scheduler.conf" system:kube-scheduler "$endpoint"
-    manifests etcd kube-apiserver kube-controller-manager kube-scheduler
-    field token > "$STATE/tokens"
-    echo "Your Kubernetes control-plane has initialized successfully! (klab stand-in)" ;;
-  token)
-    touch "$STATE/tokens"
-    case "${2:-}" in
-      list)
-        [ -f "$K/admin.conf" ] || { echo "kubeadm (stand-in): no cluster here" >&2; exit 1; }
-        grep -v '^$' "$STATE/tokens" || true ;;
-      create)
-        [ -f "$K/admin.conf" ] || { echo "kubeadm (stand-in): no cluster here" >&2; exit 1; }
-        t=${3:-}
-        case "$t" in
-          [a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9][a-z0-9].????????????????) ;;
-          *) echo "kubeadm (stand-in): token create needs a token like abcdef.0123456789abcdef" >&2; exit 1 ;;
-        esac
-        echo "$t" >> "$STATE/tokens"
-        echo "$t" ;;
-      *) echo "kubeadm (stand-in): unsupported: $*" >&2; exit 2 ;;
-    esac ;;
-  join)
-    keep_config join
-    [ ! -e "$K/kubelet.conf" ] ||
-      { echo "[preflight] error: $K/kubelet.conf already exists" >&2; exit 1; }
-    endpoint=$(field apiServerEndpoint)
-    [ -n "$endpoint" ] || { echo "kubeadm (stand-in): no discovery.bootstrapToken.apiServerEndpoint in $config" >&2; exit 1; }
-    grep -q 'caCertHashes' "$config" || { echo "kubeadm (stand-in): no caCertHashes in $config" >&2; exit 1; }
-    mkdir -p "$PKI/etcd"
-    # The CA comes from discovery; the stand-in makes its own when it is not there yet.
-    [ -s "$PKI/ca.crt" ] || pem ca kubernetes
-    pem apiserver-kubelet-client kubelet-client
-    kubeconfig "$K/kubelet.conf" "system:node:$(field name)" "$endpoint"
-    if grep -q '^controlPlane:' "$config"; then
-      for p in apiserver apiserver-etcd-client front-proxy-ca front-proxy-client etcd/ca etcd/server etcd/peer; do
-        pem "$p" "kubernetes-$p"
-      done
-      kubeconfig "$K/admin.conf" kubernetes-admin "$endpoint"
-      manifests etcd kube-apiserver kube-controller-manager kube-scheduler
-    fi
-    echo "This node has joined the cluster (klab stand-in)" ;;
-  reset)
-    rm -rf "$K/manifests" "$K"/*.conf "$PKI" "$STATE/tokens"
-    echo "[reset] stand-in: removed $K" ;;
-  *)
-    echo "kubeadm (stand-in): unsupported: $*" >&2
-    exit 2 ;;
-esac
 SH
 }
 
@@ -343,6 +162,37 @@ ExecStart=/usr/bin/kubelet $KUBELET_KUBECONFIG_ARGS $KUBELET_CONFIG_ARGS $KUBELE
 UNIT
 }
 
+apiserver_unit() {
+  cat <<'UNIT'
+[Unit]
+Description=klab stand-in API server (not Kubernetes): the simulated cluster behind :6443
+Documentation=file:///usr/lib/klab-standin/apiserver
+Wants=network-online.target
+After=network-online.target
+ConditionPathExists=/var/lib/klab-standin/apiserver.json
+
+[Service]
+ExecStart=/usr/lib/klab-standin/apiserver
+Restart=always
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+}
+
+# The real packages' maintainer scripts make systemd read their units; so do the stand-ins' (a
+# kubelet.service loaded without kubeadm's drop-in would run without its flags).
+postinst() {
+  cat <<'SH'
+#!/bin/sh
+set -e
+if [ "$1" = configure ] && [ -d /run/systemd/system ]; then
+  systemctl --system daemon-reload >/dev/null 2>&1 || true
+fi
+SH
+}
+
 # --- packaging ---------------------------------------------------------------------------------
 
 # pkg NAME VERSION DEPENDS DESCRIPTION: build from $work/root-NAME into the repository.
@@ -360,7 +210,7 @@ pkg() {
     echo "Priority: optional"
     echo "Homepage: https://kubernetes.io"
     echo "Description: $desc (klab STAND-IN, not Kubernetes)"
-    echo " A shell script that answers klab's version queries and records its calls."
+    echo " A stand-in for klab's end-to-end test: it simulates what klab checks and records its calls."
   } > "$root/DEBIAN/control"
   dpkg-deb --root-owner-group -Zgzip --build "$root" "$repo/$arch/${name}_${version}_${arch}.deb" >/dev/null
 }
@@ -369,6 +219,11 @@ install_script() {  # install_script ROOT PATH < content
   mkdir -p "$(dirname "$1$2")"
   cat > "$1$2"
   chmod 0755 "$1$2"
+  # A python stand-in that does not even parse would only fail on the guests: check it here.
+  if head -n 1 "$1$2" | grep -q python3 && command -v python3 >/dev/null; then
+    python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])' "$1$2" ||
+      die "$2 (from $standin) does not parse"
+  fi
 }
 
 cri_upstream=${cri_version%%-*}
@@ -379,19 +234,24 @@ pkg cri-tools "$cri_version" "" "Command-line utility for interacting with a con
 for v in $kube_versions; do
   up=${v%%-*}
   r="$work/root-kubectl-$v"
-  kubectl_script "$up" | install_script "$r" /usr/bin/kubectl
+  python_program kubectl "$up" | install_script "$r" /usr/bin/kubectl
   pkg kubectl "$v" "" "Command-line utility for interacting with a Kubernetes cluster"
 
   r="$work/root-kubelet-$v"
-  kubelet_script "$up" | install_script "$r" /usr/bin/kubelet
+  python_program kubelet "$up" | install_script "$r" /usr/bin/kubelet
   mkdir -p "$r/usr/lib/systemd/system"
   kubelet_unit > "$r/usr/lib/systemd/system/kubelet.service"
+  mkdir -p "$r/DEBIAN"
+  postinst | install_script "$r" /DEBIAN/postinst
   pkg kubelet "$v" "" "Node agent for Kubernetes clusters"
 
   r="$work/root-kubeadm-$v"
-  kubeadm_script "$up" | install_script "$r" /usr/bin/kubeadm
+  python_program kubeadm "$up" | install_script "$r" /usr/bin/kubeadm
+  python_program apiserver "$up" | install_script "$r" /usr/lib/klab-standin/apiserver
   mkdir -p "$r/usr/lib/systemd/system/kubelet.service.d"
   kubeadm_dropin > "$r/usr/lib/systemd/system/kubelet.service.d/10-kubeadm.conf"
+  apiserver_unit > "$r/usr/lib/systemd/system/klab-standin-apiserver.service"
+  postinst | install_script "$r" /DEBIAN/postinst
   pkg kubeadm "$v" "cri-tools (>= ${cri_upstream%.*}.0)" "Command-line utility for administering a Kubernetes cluster"
 done
 

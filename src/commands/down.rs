@@ -35,8 +35,17 @@ pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), Cm
         }
         return Ok(());
     }
+    // The lab's context in the user's kubeconfig (`klab kubeconfig --merge`) points at nothing now.
+    let kubeconfig = if out.state_kept {
+        None
+    } else {
+        super::kube::forget_merged(&lab)
+    };
+    if let Some(note) = &kubeconfig {
+        p.note(note);
+    }
     if p.is_json() {
-        p.json(&json!({ "lab": lab, "removed": out.actions, "left": out.left, "state_kept": out.state_kept }));
+        p.json(&json!({ "lab": lab, "removed": out.actions, "left": out.left, "state_kept": out.state_kept, "kubeconfig": kubeconfig }));
     } else {
         for l in &out.left {
             p.line(format!("left {} {}: {}", l.kind, l.name, l.reason));

@@ -54,6 +54,7 @@ pub fn cluster_json(plan: &LabPlan, o: &ProvisionOutcome) -> serde_json::Value {
             .collect::<Vec<_>>()),
         "phases": o.phases,
         "seconds": o.seconds,
+        "overhead": o.overhead,
     })
 }
 
@@ -106,6 +107,15 @@ pub fn cluster_summary(p: &Printer, plan: &LabPlan, o: &ProvisionOutcome) {
             .map(|ph| format!("{} {:.1}s", ph.phase, ph.seconds))
             .collect();
         p.note(format!("phases: {}", timed.join(", ")));
+        if let Some(ov) = &o.overhead {
+            p.note(format!(
+                "klab's own share: {:.1}s of {:.1}s in phases ({:.1} %; {} commands)",
+                ov.seconds,
+                ov.phases_seconds,
+                ov.share * 100.0,
+                ov.commands
+            ));
+        }
         p.note(
             "pinning verified: every node's InternalIP and calico-node address is on the cluster network",
         );
@@ -215,4 +225,25 @@ fn write_owner_only(path: &std::path::Path, text: &str) -> Result<(), CmdError> 
         f.sync_all().map_err(fail)?;
     }
     std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// Removes the lab's cluster, user and context from the user's kubeconfig when `--merge` put them
+/// there. A note says what happened; a file klab cannot read as a kubeconfig is left alone.
+pub fn forget_merged(lab: &str) -> Option<String> {
+    let target = user_kubeconfig()?;
+    let text = std::fs::read_to_string(&target).ok()?;
+    match crate::kubeconfig::remove_lab(&text, lab) {
+        Ok(Some(rest)) => match write_owner_only(&target, rest.expose()) {
+            Ok(()) => Some(format!(
+                "removed lab {lab}'s context from {}",
+                target.display()
+            )),
+            Err(e) => Some(format!("warning: {e}")),
+        },
+        Ok(None) => None,
+        Err(e) => Some(format!(
+            "warning: {}: {e}; the lab's context (if any) was left there",
+            target.display()
+        )),
+    }
 }

@@ -1270,9 +1270,55 @@ exit 1"#
     )
 }
 
+/// What klab runs when a node leaves the cluster (it left the lab file, or `--recreate` rebuilds
+/// it): on the node itself while it still runs, `kubeadm reset` (a control plane's etcd member goes
+/// with it); then, on the first control plane, drain and delete its Node object, so a rebuilt node
+/// of the same name can join again.
+pub fn leave_ops(node: &str, timeout: Duration) -> (CommandOp, Vec<CommandOp>) {
+    let kc = format!("kubectl --kubeconfig {ADMIN_CONF}");
+    let n = sh_quote(node);
+    let secs = timeout.as_secs().max(30);
+    let reset = cmd(
+        "kubeadm reset (leaves etcd when it is a control plane)",
+        "if [ -f /etc/kubernetes/kubelet.conf ]; then kubeadm reset -f; fi",
+        secs,
+    )
+    .hint("run `kubeadm reset -f` on the node by hand (`klab ssh NODE`), then `klab up` again");
+    let drain = CommandOp {
+        ok_exit: vec![0],
+        ..cmd(
+            &format!("drain {node}"),
+            &format!(
+                "if {kc} get node {n} >/dev/null 2>&1; then\n  {kc} drain {n} --ignore-daemonsets --delete-emptydir-data --force --timeout={secs}s\nfi"
+            ),
+            secs + 30,
+        )
+        .hint("`kubectl get pods -A -o wide` on the first control plane shows what does not leave")
+    };
+    let delete = cmd(
+        &format!("delete node {node}"),
+        &format!("{kc} delete node {n} --ignore-not-found"),
+        QUICK,
+    );
+    (reset, vec![drain, delete])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leaving_resets_the_node_then_drains_and_deletes_it() {
+        let (reset, init) = leave_ops("w2", Duration::from_secs(120));
+        assert!(reset.run.contains("kubeadm reset -f"));
+        assert_eq!(init.len(), 2);
+        assert!(init[0].run.contains("drain w2 --ignore-daemonsets"));
+        assert!(init[0].run.contains("--timeout=120s"));
+        assert_eq!(
+            init[1].run,
+            "kubectl --kubeconfig /etc/kubernetes/admin.conf delete node w2 --ignore-not-found"
+        );
+    }
 
     #[test]
     fn markers_round_trip_through_refs() {

@@ -87,6 +87,23 @@ pub struct ProvisionOutcome {
     pub unreachable: Option<String>,
     pub phases: Vec<PhaseSummary>,
     pub seconds: f64,
+    /// What klab itself added to the phases' time (absent when nothing ran).
+    pub overhead: Option<Overhead>,
+}
+
+/// klab's own share of the provisioning time: per phase, the phase's wall time minus the longest
+/// time a node spent running the phase's commands (each command's host-side time less one SSH
+/// round trip, measured on the node's session with `true`). What remains is SSH round trips,
+/// uploads, probes' bookkeeping, journal writes and waiting between commands.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overhead {
+    pub seconds: f64,
+    /// `seconds` / the phases' wall time.
+    pub share: f64,
+    pub phases_seconds: f64,
+    pub commands: u32,
+    /// Median-free, simple: the smallest of three `true` round trips, per node, in milliseconds.
+    pub round_trip_ms: BTreeMap<String, f64>,
 }
 
 /// The cluster's identity, made once per lab.
@@ -278,11 +295,11 @@ impl NodeLog {
     fn line(&self, text: &str) {
         let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = guard.as_mut() {
-            let secs = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let _ = writeln!(f, "[{secs}] {text}");
+            let now = time::OffsetDateTime::now_utc();
+            let stamp = now
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| now.unix_timestamp().to_string());
+            let _ = writeln!(f, "[{stamp}] {text}");
         }
     }
 }
@@ -336,6 +353,14 @@ struct NodeRemote {
     session: Box<dyn NodeSession>,
     log: Arc<NodeLog>,
     redactor: Redactor,
+    /// Commands run and the seconds they took as seen from the host (for the overhead figure).
+    stats: Mutex<(u32, f64)>,
+}
+
+impl NodeRemote {
+    fn stats(&self) -> (u32, f64) {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn tail_lines(text: &str, n: usize) -> String {
@@ -357,6 +382,11 @@ impl Remote for NodeRemote {
         let started = Instant::now();
         let r = self.session.exec_input(command, stdin, timeout).await;
         let secs = started.elapsed().as_secs_f64();
+        {
+            let mut st = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            st.0 += 1;
+            st.1 += secs;
+        }
         let shown = self.redactor.redact(command);
         match &r {
             Ok(out) => {
@@ -480,6 +510,7 @@ pub async fn provision(
                 })
                 .collect(),
             seconds: started.elapsed().as_secs_f64(),
+            overhead: None,
         }));
     }
 
@@ -539,6 +570,22 @@ pub async fn provision(
         bars.insert(n.clone(), bar);
     }
     let remotes = dial_all(env, plan, &input, &needed, &logs, &redactor).await?;
+    let mut rtt: BTreeMap<String, f64> = BTreeMap::new();
+    for (n, r) in &remotes {
+        let mut best = f64::MAX;
+        for _ in 0..3 {
+            let t = Instant::now();
+            if r.session
+                .exec("true", Duration::from_secs(30))
+                .await
+                .is_ok()
+            {
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+        }
+        rtt.insert(n.clone(), if best == f64::MAX { 0.0 } else { best });
+    }
+    let (mut overhead_secs, mut phases_secs, mut commands) = (0.0f64, 0.0f64, 0u32);
 
     let on_event = |e: &Event| {
         let (node, text, plain) = match e {
@@ -603,8 +650,22 @@ pub async fn provision(
             ..(*phase).clone()
         };
         tracing::info!(phase = phase.id.as_str(), nodes = run.len(), "phase");
+        let before: BTreeMap<&String, (u32, f64)> =
+            remotes.iter().map(|(n, r)| (n, r.stats())).collect();
         match runner.run_phase(&subset, &mut values).await {
             Ok(report) => {
+                let mut busiest = 0.0f64;
+                for (n, r) in &remotes {
+                    let (c0, s0) = before[n];
+                    let (c1, s1) = r.stats();
+                    let count = c1 - c0;
+                    commands += count;
+                    let on_node = (s1 - s0) - f64::from(count) * rtt[n];
+                    busiest = busiest.max(on_node);
+                }
+                let wall = report.elapsed.as_secs_f64();
+                phases_secs += wall;
+                overhead_secs += (wall - busiest).max(0.0);
                 input
                     .journal
                     .update(|j| {
@@ -709,6 +770,17 @@ pub async fn provision(
         unreachable,
         phases: summaries,
         seconds: started.elapsed().as_secs_f64(),
+        overhead: Some(Overhead {
+            seconds: overhead_secs,
+            share: if phases_secs > 0.0 {
+                overhead_secs / phases_secs
+            } else {
+                0.0
+            },
+            phases_seconds: phases_secs,
+            commands,
+            round_trip_ms: rtt.into_iter().map(|(n, s)| (n, s * 1000.0)).collect(),
+        }),
     }))
 }
 
@@ -836,6 +908,121 @@ pub async fn provision_lab(env: &Env, req: ProvisionRequest) -> Result<Provision
     )
     .await?;
     outcome.ok_or_else(|| Error::Internal("a Kubernetes lab produced no provisioning".into()))
+}
+
+/// Nodes leaving a built cluster (gone from the lab file, or rebuilt by `--recreate`): each is
+/// reset while it still runs, then drained and deleted from the cluster on the first control plane,
+/// before its VM goes. Returns notes (a leaving node that no longer answers is only deleted).
+#[allow(clippy::too_many_arguments)]
+pub async fn leave_cluster(
+    env: &Env,
+    previous: &LabPlan,
+    current: &LabPlan,
+    leaving: &[String],
+    user_private_key: &str,
+    host_keys: &BTreeMap<String, String>,
+    timeouts: &Timeouts,
+) -> Result<Vec<String>, Error> {
+    let Some(k) = &current.kubernetes else {
+        return Ok(Vec::new());
+    };
+    if leaving.contains(&k.init_node) {
+        return Err(Error::user(
+            format!(
+                "node {} runs the cluster's first control plane and cannot leave it",
+                k.init_node
+            ),
+            "rebuild the whole lab (`klab down` then `klab up`), or keep the node",
+        ));
+    }
+    let target = |plan: &LabPlan, name: &str| -> Option<SshTarget> {
+        let node = plan.node(name)?;
+        Some(SshTarget {
+            node: name.to_string(),
+            addr: SocketAddr::from((node.ssh_address, 22)),
+            user: node.user.clone(),
+            user_private_key: user_private_key.to_string(),
+            host_public_key: host_keys.get(name)?.clone(),
+        })
+    };
+    let init_target = target(current, &k.init_node)
+        .ok_or_else(|| Error::Internal(format!("no SSH target for {}", k.init_node)))?;
+    let init = env
+        .dialer
+        .dial(&init_target, timeouts.ssh)
+        .await
+        .map_err(|e| {
+            Error::user(
+                format!(
+                    "nodes {} must leave the cluster first, but {} does not answer: {e}",
+                    leaving.join(", "),
+                    k.init_node
+                ),
+                "start the lab's first control plane (`klab up` after fixing it), or pass --no-kubernetes to change only the VMs",
+            )
+        })?;
+    let mut notes = Vec::new();
+    for name in leaving {
+        let (reset, on_init) = crate::plan::provision::leave_ops(name, timeouts.command);
+        env.printer.note(format!("{name}: leaving the cluster"));
+        // A short wait: a node that does not answer is already gone.
+        match target(previous, name) {
+            Some(t) => match env.dialer.dial(&t, Duration::from_secs(30)).await {
+                Ok(session) => {
+                    let r = session
+                        .exec(
+                            &crate::provision::runner::as_root(&reset.run),
+                            Duration::from_secs(reset.timeout_secs),
+                        )
+                        .await;
+                    match r {
+                        Ok(out) if out.success() => {}
+                        Ok(out) => notes.push(format!(
+                            "{name}: `kubeadm reset` failed ({}): {}",
+                            out.exit_status,
+                            stderr_tail(&out.stderr)
+                        )),
+                        Err(e) => notes.push(format!("{name}: `kubeadm reset`: {e}")),
+                    }
+                    session.close().await;
+                }
+                Err(e) => notes.push(format!(
+                    "{name} does not answer ({e}); deleting its Node object only (a control plane's etcd member stays until `kubeadm reset` or `etcdctl member remove`)"
+                )),
+            },
+            None => notes.push(format!("{name}: not in the saved plan; deleting its Node object only")),
+        }
+        for op in on_init {
+            let out = init
+                .exec(
+                    &crate::provision::runner::as_root(&op.run),
+                    Duration::from_secs(op.timeout_secs),
+                )
+                .await
+                .map_err(|e| {
+                    Error::user(
+                        format!("{}: {}: {e}", k.init_node, op.name),
+                        "check the first control plane, then `klab up` again",
+                    )
+                })?;
+            if !out.success() {
+                return Err(Error::user(
+                    format!(
+                        "{}: `{}` failed with exit status {}: {}",
+                        k.init_node,
+                        op.name,
+                        out.exit_status,
+                        stderr_tail(&out.stderr)
+                    ),
+                    op.hint
+                        .clone()
+                        .unwrap_or_else(|| "check the cluster, then `klab up` again".into()),
+                ));
+            }
+        }
+    }
+    init.close().await;
+    Ok(notes)
 }
 
 fn failed_node(e: &crate::provision::runner::RunError) -> Option<String> {
@@ -970,6 +1157,7 @@ async fn dial_all(
                 node,
                 session,
                 redactor: redactor.clone(),
+                stats: Mutex::new((0, 0.0)),
             },
         );
     }

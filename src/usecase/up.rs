@@ -314,6 +314,57 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         follow_console: env.host_checks && uri.starts_with("qemu:///"),
     };
     write_access_files(state, &plan, &keys)?;
+    // Kubernetes nodes whose VM goes (left the file, or --recreate) leave the cluster first.
+    if req.kubernetes
+        && plan.kubernetes.is_some()
+        && let Some(prev) = &previous
+    {
+        let joined = journal.snapshot();
+        let leaving: Vec<String> = todo
+            .actions
+            .iter()
+            .filter_map(|a| match a {
+                reconcile::Action::RemoveDomain { domain, .. } => prev
+                    .nodes
+                    .iter()
+                    .find(|n| &n.domain == domain)
+                    .map(|n| n.name.clone()),
+                _ => None,
+            })
+            .filter(|n| {
+                joined.nodes.get(n).is_some_and(|r| {
+                    ["kubeadm-init", "join-workers", "join-control-plane"]
+                        .iter()
+                        .any(|ph| r.phases.get(*ph).is_some_and(|p| p.status == "done"))
+                })
+            })
+            .collect();
+        if !leaving.is_empty() {
+            // A node that left the file still has its pinned key in the state directory.
+            let mut pins = host_keys.clone();
+            for n in &leaving {
+                if !pins.contains_key(n)
+                    && let Ok(Some(line)) = state.read_file(&format!("hostkeys/{n}.pub"))
+                {
+                    let key: Vec<&str> = line.split_whitespace().take(2).collect();
+                    pins.insert(n.clone(), key.join(" "));
+                }
+            }
+            for note in super::provision::leave_cluster(
+                env,
+                prev,
+                &plan,
+                &leaving,
+                &user_private_key,
+                &pins,
+                &lab.timeouts,
+            )
+            .await?
+            {
+                p.note(format!("warning: {note}"));
+            }
+        }
+    }
     match exec::apply_up(&ctx, &todo.actions).await {
         Ok(reports) => {
             let kubernetes = provision(
