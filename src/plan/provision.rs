@@ -48,6 +48,8 @@ pub mod value {
     pub const SANDBOX_IMAGE: &str = "sandbox-image";
     /// Captured by `kubeconfig`: `/etc/kubernetes/admin.conf` of the first control plane. Secret.
     pub const ADMIN_KUBECONFIG: &str = "admin-kubeconfig";
+    /// keepalived's VRRP password (8 characters, VRRP's PASS limit). Secret.
+    pub const VRRP_PASSWORD: &str = "vrrp-password";
 }
 
 /// `${klab:NAME}`: how files and commands refer to a run-time value.
@@ -550,6 +552,13 @@ pub fn provision_plan(k: &KubernetesSpec, nodes: &[NodeSpec], t: PhaseTimeouts) 
             "calico.yaml, checked against its pinned sha256 (or the lab's calico-manifest)",
         ),
     ];
+    if k.control_plane_vip.is_some() {
+        inputs.push(input(
+            value::VRRP_PASSWORD,
+            true,
+            "keepalived's VRRP password between the control planes",
+        ));
+    }
     if k.patch_version.is_none() {
         inputs.push(input(
             value::KUBERNETES_VERSION,
@@ -959,10 +968,14 @@ fn vip(c: &Ctx<'_>) -> Phase {
         )
         .when(when(value::PKG, "dnf"))),
         put(file(CHECK_APISERVER, tpl(template::CHECK_APISERVER), 0o755)),
-        put(file(KEEPALIVED_CONF, tpl(template::KEEPALIVED), 0o644)),
+        // 0600: it holds the VRRP password.
+        put(file(KEEPALIVED_CONF, tpl(template::KEEPALIVED), 0o600)),
+        // A reload keeps the VIP where it is when only the peers changed (a control plane added).
         run(cmd(
-            "restart keepalived",
-            "systemctl enable keepalived >/dev/null 2>&1; systemctl restart keepalived",
+            "start keepalived (reload when it runs)",
+            "systemctl enable keepalived >/dev/null 2>&1; systemctl reload-or-restart keepalived
+             for i in $(seq 1 20); do systemctl -q is-active keepalived && exit 0; sleep 1; done
+             echo 'keepalived is not running' >&2; exit 1",
             QUICK,
         )
         .hint("`journalctl -u keepalived` on the node")),

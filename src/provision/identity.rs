@@ -100,6 +100,11 @@ pub fn bootstrap_token() -> Secret {
     Secret::new(format!("{id}.{secret}"))
 }
 
+/// keepalived's VRRP password: 8 characters, the most VRRP's `auth_type PASS` carries.
+pub fn vrrp_password() -> Secret {
+    Secret::new(random_word(&mut rand::rng(), 8))
+}
+
 /// A kubeadm certificate key: 32 random bytes, hex (64 characters).
 pub fn certificate_key() -> Secret {
     let mut bytes = [0u8; 32];

@@ -377,6 +377,7 @@ fn resolve_with(
         certificate_key => provision::marker(pv::CERTIFICATE_KEY),
         ca_cert_hash => provision::marker(pv::CA_CERT_HASH),
         sandbox_image => provision::marker(pv::SANDBOX_IMAGE),
+        vrrp_password => provision::marker(pv::VRRP_PASSWORD),
     };
     let (ipip, vxlan) = provision::calico_pool_modes(k.encapsulation);
     let cluster_prefix = plan

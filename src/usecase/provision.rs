@@ -35,6 +35,7 @@ pub const CA_CERT_FILE: &str = "cluster/ca.crt";
 pub const CA_KEY_FILE: &str = "cluster/ca.key";
 pub const TOKEN_FILE: &str = "cluster/bootstrap-token";
 pub const CERT_KEY_FILE: &str = "cluster/certificate-key";
+pub const VRRP_FILE: &str = "cluster/vrrp-password";
 pub const VALUES_FILE: &str = "cluster/values.json";
 /// The admin kubeconfig handed to the user (0600).
 pub const KUBECONFIG_FILE: &str = "kubeconfig";
@@ -111,6 +112,7 @@ struct Identity {
     ca: identity::ClusterCa,
     token: Secret,
     cert_key: Secret,
+    vrrp: Secret,
 }
 
 fn state_err(e: crate::state::StateError) -> Error {
@@ -168,6 +170,7 @@ fn ensure_identity(state: &StateDir) -> Result<Identity, Error> {
         ca,
         token: secret(TOKEN_FILE, identity::bootstrap_token)?,
         cert_key: secret(CERT_KEY_FILE, identity::certificate_key)?,
+        vrrp: secret(VRRP_FILE, identity::vrrp_password)?,
     })
 }
 
@@ -519,6 +522,7 @@ pub async fn provision(
     redactor.add(ident.token.expose());
     redactor.add(ident.cert_key.expose());
     redactor.add(ident.ca.key_pem.expose());
+    redactor.add(ident.vrrp.expose());
 
     let mut values = Values::default();
     values.set_public(value::CA_CERT, ident.ca.cert_pem.clone());
@@ -526,6 +530,7 @@ pub async fn provision(
     values.set_public(value::CA_CERT_HASH, ident.ca.cert_hash.clone());
     values.set_secret(value::BOOTSTRAP_TOKEN, ident.token.clone());
     values.set_secret(value::CERTIFICATE_KEY, ident.cert_key.clone());
+    values.set_secret(value::VRRP_PASSWORD, ident.vrrp.clone());
     let recorded = load_recorded(state);
     for (name, v) in &recorded.cluster {
         values.set_public(name, v.clone());
@@ -1283,7 +1288,15 @@ mod tests {
         assert_eq!(a.ca.cert_hash, b.ca.cert_hash);
         assert_eq!(a.token.expose(), b.token.expose());
         assert_eq!(a.cert_key.expose(), b.cert_key.expose());
-        for f in [CA_CERT_FILE, CA_KEY_FILE, TOKEN_FILE, CERT_KEY_FILE] {
+        assert_eq!(a.vrrp.expose().len(), 8);
+        assert_eq!(a.vrrp.expose(), b.vrrp.expose());
+        for f in [
+            CA_CERT_FILE,
+            CA_KEY_FILE,
+            TOKEN_FILE,
+            CERT_KEY_FILE,
+            VRRP_FILE,
+        ] {
             let mode = std::fs::metadata(state.path().join(f))
                 .unwrap()
                 .permissions()

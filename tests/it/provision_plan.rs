@@ -634,7 +634,21 @@ fn seed_001_literals() {
     assert!(keepalived.contains("  priority 149\n"));
     assert!(keepalived.contains("  unicast_src_ip 192.168.3.12\n"));
     assert!(keepalived.contains("    192.168.3.11\n    192.168.3.13\n"));
-    assert!(keepalived.contains("    192.168.3.10/24 dev lab0\n"));
+    // The VIP as a /32 on the cluster NIC; the router id from the lab name (sha256("ha")[0] = 134,
+    // computed with Python's hashlib); the password a run-time secret, never in the plan.
+    assert!(keepalived.contains("    192.168.3.10/32 dev lab0\n"));
+    assert!(keepalived.contains("  interface lab0\n"));
+    assert!(keepalived.contains("  virtual_router_id 134\n"));
+    assert!(keepalived.contains("    auth_type PASS\n    auth_pass ${klab:vrrp-password}\n"));
+    assert!(
+        keepalived.contains("    script \"/etc/keepalived/check-apiserver.sh\"\n")
+            || keepalived.contains("  script \"/etc/keepalived/check-apiserver.sh\"\n")
+    );
+    let check = file(
+        &files,
+        "nodes/master02/provision/etc/keepalived/check-apiserver.sh",
+    );
+    assert!(check.contains("https://127.0.0.1:6443/readyz"));
     // Joins: control planes one at a time, workers in parallel, after the credentials refresh.
     let k = p.kubernetes.as_ref().expect("k");
     let ids: Vec<&str> = k.provision.phases.iter().map(|ph| ph.id.as_str()).collect();
@@ -693,15 +707,15 @@ fn secrets_are_markers_in_the_plan_and_every_rendered_file() {
             .filter(|i| i.secret)
             .map(|i| i.name.as_str())
             .collect();
-        assert_eq!(
-            secret_inputs,
-            [
-                value::CA_KEY,
-                value::BOOTSTRAP_TOKEN,
-                value::CERTIFICATE_KEY
-            ],
-            "{name}"
-        );
+        let mut want = vec![
+            value::CA_KEY,
+            value::BOOTSTRAP_TOKEN,
+            value::CERTIFICATE_KEY,
+        ];
+        if k.control_plane_vip.is_some() {
+            want.push(value::VRRP_PASSWORD);
+        }
+        assert_eq!(secret_inputs, want, "{name}");
         assert!(!json.contains("PRIVATE KEY"), "{name}");
         // The CA key is written from its value at run time, 0600.
         let init = k.provision.phase(PhaseId::KubeadmInit).expect("init");
@@ -971,6 +985,7 @@ async fn runner_builds_the_ha_fixture_in_phase_order() {
         Secret::new("abcdef.0123456789abcdef"),
     );
     values.set_secret(value::CERTIFICATE_KEY, Secret::new("ab".repeat(32)));
+    values.set_secret(value::VRRP_PASSWORD, Secret::new("pw345678"));
     values.set_public(value::CALICO_MANIFEST, "kind: DaemonSet\n");
 
     let order = Mutex::new(Vec::new());
