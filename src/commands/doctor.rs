@@ -140,6 +140,43 @@ pub async fn doctor(p: &Printer, g: &GlobalArgs, file: Option<&Path>) -> Result<
             ),
             Err(problems) => push("lab networks", false, problems.join("; ")),
         }
+        if plan
+            .kubernetes
+            .as_ref()
+            .is_some_and(|k| k.control_plane_vip.is_some())
+        {
+            let root = crate::paths::state_root();
+            let others: Vec<crate::plan::LabPlan> = crate::state::list_labs(&root)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|l| {
+                    crate::state::StateDir::new(&root, l)
+                        .load_plan()
+                        .ok()
+                        .flatten()
+                })
+                .collect();
+            let conflicts = crate::usecase::host::vip_conflicts(&plan, &others);
+            if conflicts.iter().all(|(ok, _)| *ok) {
+                push(
+                    "vip",
+                    true,
+                    "no other lab on this host uses the VIP".to_string(),
+                );
+            }
+            for (ok, msg) in conflicts {
+                push("vip", ok, msg);
+            }
+            match host.vip_answers(&plan) {
+                Some(Ok(msg)) => push("vip", true, msg),
+                Some(Err(msg)) => push("vip", false, msg),
+                None => push(
+                    "vip",
+                    true,
+                    "the host has no bridge towards the VIP yet; `klab up` creates the cluster network".to_string(),
+                ),
+            }
+        }
     }
 
     let failed = checks.iter().filter(|c| !c.ok).count();

@@ -19,7 +19,7 @@ pub async fn status(
     let lab = resolve_lab_name(name, file)?;
     let st = crate::usecase::status::status(&super::env(p), &lab, g.connect.as_deref()).await?;
     if p.is_json() {
-        p.json(&json!({ "lab": st.lab, "uri": st.uri, "accelerator": st.accelerator, "networks": st.networks, "nodes": st.nodes }));
+        p.json(&json!({ "lab": st.lab, "uri": st.uri, "accelerator": st.accelerator, "networks": st.networks, "nodes": st.nodes, "kubernetes": st.kubernetes }));
         return Ok(());
     }
     p.line(format!(
@@ -37,6 +37,31 @@ pub async fn status(
             n.ssh,
             n.addresses.join(" ")
         ));
+    }
+    if let Some(k) = &st.kubernetes {
+        p.line(format!(
+            "  kubernetes {} endpoint {}{}",
+            k.version
+                .as_deref()
+                .map(|v| format!("v{v}"))
+                .unwrap_or_else(|| "(version not resolved yet)".into()),
+            k.endpoint,
+            k.kubeconfig
+                .as_deref()
+                .map(|c| format!(" kubeconfig {c}"))
+                .unwrap_or_default()
+        ));
+        if let Some(vip) = &k.vip {
+            p.line(format!(
+                "  vip {vip} held by {}",
+                k.vip_holder
+                    .as_deref()
+                    .unwrap_or("nobody (no control plane answers for it)")
+            ));
+        }
+        for (n, s) in &k.nodes {
+            p.line(format!("  {n:<12} {s}"));
+        }
     }
     Ok(())
 }

@@ -106,11 +106,13 @@ pub struct HostFs {
     /// libvirt writes `<network>.macs` here when it defines a domain on a network, but creates
     /// the directory only when it starts a dnsmasq — which klab's networks never do.
     pub libvirt_dnsmasq: PathBuf,
+    pub proc_arp: PathBuf,
 }
 
 impl Default for HostFs {
     fn default() -> Self {
         Self {
+            proc_arp: "/proc/net/arp".into(),
             proc_route: "/proc/net/route".into(),
             sys_class_net: "/sys/class/net".into(),
             libvirt_dnsmasq: "/var/lib/libvirt/dnsmasq".into(),
@@ -118,7 +120,117 @@ impl Default for HostFs {
     }
 }
 
+/// The MAC the host's ARP table has for `ip` (a complete entry only), lower case.
+pub fn parse_proc_arp(text: &str, ip: Ipv4Addr) -> Option<String> {
+    let want = ip.to_string();
+    text.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        // IP address, HW type, Flags (0x2 = complete), HW address, Mask, Device
+        (f.len() >= 4 && f[0] == want && f[2] != "0x0" && f[3] != "00:00:00:00:00:00")
+            .then(|| f[3].to_ascii_lowercase())
+    })
+}
+
+/// PURE: the API VIP against the other labs on this host: another lab's VIP or node address, and
+/// a VRRP router id two labs share on one layer-2 segment (their cluster networks bridge onto the
+/// same host bridge). `(ok, message)` pairs; an equal router id on separate bridges is only a note.
+pub fn vip_conflicts(plan: &LabPlan, others: &[LabPlan]) -> Vec<(bool, String)> {
+    let mut out = Vec::new();
+    let Some(k) = &plan.kubernetes else {
+        return out;
+    };
+    let Some(vip) = k.control_plane_vip else {
+        return out;
+    };
+    let id = crate::plan::provision::vrrp_router_id(&plan.lab);
+    let bridge_of = |p: &LabPlan| {
+        p.kubernetes
+            .as_ref()
+            .and_then(|k| p.network(&k.cluster_network))
+            .filter(|n| n.mode == NetworkMode::Bridge)
+            .map(|n| n.bridge.clone())
+    };
+    for o in others.iter().filter(|o| o.lab != plan.lab) {
+        let Some(ok) = &o.kubernetes else { continue };
+        if ok.control_plane_vip == Some(vip) {
+            out.push((false, format!("VIP {vip} is also lab `{}`'s VIP", o.lab)));
+        }
+        if let Some(n) = o.nodes.iter().find(|n| n.nics.iter().any(|x| x.ip == vip)) {
+            out.push((
+                false,
+                format!(
+                    "VIP {vip} is node `{}`'s address in lab `{}`",
+                    n.name, o.lab
+                ),
+            ));
+        }
+        if ok.control_plane_vip.is_some() && crate::plan::provision::vrrp_router_id(&o.lab) == id {
+            match (bridge_of(plan), bridge_of(o)) {
+                (Some(a), Some(b)) if a == b => out.push((
+                    false,
+                    format!(
+                        "VRRP router id {id} is also lab `{}`'s, on the same host bridge `{a}`: keepalived would mix the two labs' VIPs; rename one lab (the id comes from the name)",
+                        o.lab
+                    ),
+                )),
+                _ => out.push((
+                    true,
+                    format!(
+                        "VRRP router id {id} is also lab `{}`'s; harmless while their cluster networks stay on separate bridges",
+                        o.lab
+                    ),
+                )),
+            }
+        }
+    }
+    out
+}
+
 impl HostFs {
+    /// Whether something already answers on the VIP. Only asked when the host's route to it
+    /// leaves through a local bridge that is not the lab's own, so no probe ever leaves this
+    /// machine; `None` when that is not the case (nothing can be said without sending traffic out).
+    pub fn vip_answers(&self, plan: &LabPlan) -> Option<Result<String, String>> {
+        let k = plan.kubernetes.as_ref()?;
+        let vip = k.control_plane_vip?;
+        let own = plan.network(&k.cluster_network).map(|n| n.bridge.clone());
+        let routes = self.routes();
+        let r = route_for(&routes, vip)?;
+        if r.net.prefix() == 0 || !self.bridge_exists(&r.iface) {
+            return None;
+        }
+        if Some(&r.iface) == own.as_ref() {
+            return Some(Ok(format!(
+                "VIP {vip} is on the lab's own bridge `{}` (the lab is up)",
+                r.iface
+            )));
+        }
+        let probe = |port: u16| {
+            match std::net::TcpStream::connect_timeout(
+                &std::net::SocketAddr::from((vip, port)),
+                std::time::Duration::from_secs(1),
+            ) {
+                Ok(_) => true,
+                // A refusal is an answer too: some host has that address.
+                Err(e) => e.kind() == std::io::ErrorKind::ConnectionRefused,
+            }
+        };
+        if probe(crate::plan::API_PORT) || probe(22) {
+            Some(Err(format!(
+                "something already answers on VIP {vip} (through bridge `{}`); pick a free address for control-plane-vip",
+                r.iface
+            )))
+        } else {
+            Some(Ok(format!("nothing answers on VIP {vip}")))
+        }
+    }
+
+    pub fn arp_mac(&self, ip: Ipv4Addr) -> Option<String> {
+        std::fs::read_to_string(&self.proc_arp)
+            .ok()
+            .and_then(|t| parse_proc_arp(&t, ip))
+    }
+
     pub fn routes(&self) -> Vec<HostRoute> {
         std::fs::read_to_string(&self.proc_route)
             .map(|t| parse_proc_routes(&t))
@@ -197,8 +309,42 @@ kl-1234abcd\t00010A0A\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
             proc_route: dir.path().join("route"),
             sys_class_net: dir.path().join("net"),
             libvirt_dnsmasq: dir.path().join("dnsmasq"),
+            proc_arp: dir.path().join("arp"),
         };
         (dir, fs)
+    }
+
+    #[test]
+    fn vip_conflicts_name_the_other_lab() {
+        use crate::plan::fixtures;
+        let ha = crate::plan::plan(&fixtures::ha_lab(), &fixtures::inputs("ha"));
+        let mut twin = ha.clone();
+        twin.lab = "other".into();
+        let found = vip_conflicts(&ha, std::slice::from_ref(&twin));
+        assert!(
+            found
+                .iter()
+                .any(|(ok, m)| !ok && m.contains("also lab `other`'s VIP")),
+            "{found:?}"
+        );
+        // The same lab's own saved plan is no conflict.
+        assert!(vip_conflicts(&ha, std::slice::from_ref(&ha)).is_empty());
+        // A plain lab has no VIP to check.
+        let plain = crate::plan::plan(&fixtures::plain_lab(), &fixtures::inputs("plain"));
+        assert!(vip_conflicts(&plain, &[ha]).is_empty());
+    }
+
+    #[test]
+    fn arp_entries_give_the_mac_of_complete_ones_only() {
+        let arp = "IP address       HW type     Flags       HW address            Mask     Device\n\
+                   10.232.2.100     0x1         0x2         52:54:00:AB:cd:01     *        kl-dc9ea96f\n\
+                   10.232.2.101     0x1         0x0         00:00:00:00:00:00     *        kl-dc9ea96f\n";
+        assert_eq!(
+            parse_proc_arp(arp, "10.232.2.100".parse().unwrap()).as_deref(),
+            Some("52:54:00:ab:cd:01")
+        );
+        assert_eq!(parse_proc_arp(arp, "10.232.2.101".parse().unwrap()), None);
+        assert_eq!(parse_proc_arp(arp, "10.232.2.1".parse().unwrap()), None);
     }
 
     #[test]

@@ -609,7 +609,7 @@ pub async fn provision(
             } => (
                 node,
                 format!("{}: warning: {message}", phase.as_str()),
-                true,
+                false,
             ),
             Event::NodeDone {
                 phase,

@@ -143,6 +143,29 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
     };
     let plan = crate::plan::plan(lab, &inputs);
     if env.host_checks {
+        let others: Vec<LabPlan> = crate::state::list_labs(&env.paths.state_root)
+            .unwrap_or_default()
+            .iter()
+            .filter(|l| **l != lab.name)
+            .filter_map(|l| env.paths.state(l).load_plan().ok().flatten())
+            .collect();
+        let mut vip_problems: Vec<String> = super::host::vip_conflicts(&plan, &others)
+            .into_iter()
+            .filter(|(ok, _)| !ok)
+            .map(|(_, m)| m)
+            .collect();
+        if let Some(Err(m)) = req.host.vip_answers(&plan) {
+            vip_problems.push(m);
+        }
+        if !vip_problems.is_empty() {
+            return Err(Error::user(
+                format!(
+                    "the lab's API VIP is not free:\n  {}",
+                    vip_problems.join("\n  ")
+                ),
+                "choose another control-plane-vip (or rename the lab); `klab doctor -f <lab file>` shows the checks",
+            ));
+        }
         req.host
             .preflight(&plan, is_local_system_uri(uri))
             .map_err(|problems| {

@@ -167,11 +167,11 @@ fn provision_builds_a_pinned_cluster_resumes_and_adds_a_worker() {
         assert_eq!(
             on(
                 node,
-                "sysctl -n net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables"
+                "sudo sysctl -n net.ipv4.ip_forward net.bridge.bridge-nf-call-iptables net.bridge.bridge-nf-call-ip6tables"
             ),
             "1\n1\n1\n"
         );
-        assert_eq!(on(node, "swapon --noheadings --show"), "");
+        assert_eq!(on(node, "sudo swapon --noheadings --show"), "");
         assert!(on(node, "cat /etc/modules-load.d/klab-kubernetes.conf").contains("br_netfilter"));
         let dump = on(node, "sudo containerd config dump");
         assert!(dump.contains("SystemdCgroup = true"), "{node}: {dump}");
