@@ -246,7 +246,7 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
     // needs the image waits for it instead of downloading over it.
     let lock = cache.lock(key);
     if !opts.force
-        && let Some(found) = existing_build(cache, key, started)?
+        && let Some(found) = existing_build(cache, key, opts, started)?
     {
         tracing::info!(
             "image `{key}`: already built at {} (use --force to rebuild)",
@@ -460,11 +460,35 @@ pub fn build_debian12(cache: &ImageCache, opts: &BuildOptions) -> Result<BuiltIm
 fn existing_build(
     cache: &ImageCache,
     key: &str,
+    opts: &BuildOptions,
     started: Instant,
 ) -> Result<Option<BuiltImage>, ImageError> {
     let Some(meta) = cache.meta(key)? else {
         return Ok(None);
     };
+    // An image built without packages asked for now (an older `--with-containerd` set) is rebuilt.
+    let have: Option<Vec<String>> = meta
+        .build
+        .as_ref()
+        .and_then(|b| b.get("packages"))
+        .and_then(|p| serde_json::from_value(p.clone()).ok());
+    let want = opts.packages();
+    let missing: Vec<&String> = match &have {
+        Some(h) => want.iter().filter(|p| !h.contains(p)).collect(),
+        None if want.len() > DEBIAN12_PACKAGES.len() => want.iter().collect(),
+        None => Vec::new(),
+    };
+    if !missing.is_empty() {
+        tracing::info!(
+            "image `{key}`: the cached build lacks {}; rebuilding",
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(None);
+    }
     let path = cache.base_path(key);
     let (kernel, initrd) = (cache.kernel_path(key), cache.initrd_path(key));
     if meta.source != Origin::Built
@@ -991,6 +1015,16 @@ mod tests {
                 build: None,
             })
             .unwrap();
+        // An image without the provisioner's packages is not reused for `--with-containerd`.
+        let containerd = BuildOptions {
+            with_containerd: true,
+            ..BuildOptions::default()
+        };
+        assert!(
+            existing_build(&cache, key, &containerd, Instant::now())
+                .unwrap()
+                .is_none()
+        );
         // Works as non-root too: an existing build is reported before the root check.
         let built = build_debian12(&cache, &BuildOptions::default()).unwrap();
         assert!(built.reused);

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod e2e;
 mod exec_fake;
+mod ha;
 mod hyperv;
 mod image;
 mod invalid;
