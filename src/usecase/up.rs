@@ -337,7 +337,8 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         follow_console: env.host_checks && uri.starts_with("qemu:///"),
     };
     write_access_files(state, &plan, &keys)?;
-    // Kubernetes nodes whose VM goes (left the file, or --recreate) leave the cluster first.
+    // Kubernetes nodes whose VM goes (left the file, --recreate, or deleted by hand) leave the
+    // cluster first.
     if req.kubernetes
         && plan.kubernetes.is_some()
         && let Some(prev) = &previous
@@ -352,8 +353,13 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
                     .iter()
                     .find(|n| &n.domain == domain)
                     .map(|n| n.name.clone()),
+                // A member whose VM vanished comes back from a clean disk under the same name: its
+                // old Node object must go first, or its join is refused.
+                reconcile::Action::CreateNode { node } => Some(node.clone()),
                 _ => None,
             })
+            .collect::<BTreeSet<String>>()
+            .into_iter()
             .filter(|n| {
                 joined.nodes.get(n).is_some_and(|r| {
                     ["kubeadm-init", "join-workers", "join-control-plane"]
@@ -386,6 +392,14 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             {
                 p.note(format!("warning: {note}"));
             }
+        }
+    }
+    // A node created now starts from a clean disk: none of its provisioning is in place.
+    for a in &todo.actions {
+        if let reconcile::Action::CreateNode { node } = a {
+            journal
+                .update(|j| j.forget(node))
+                .map_err(|e| Error::Internal(chain(&e)))?;
         }
     }
     match exec::apply_up(&ctx, &todo.actions).await {

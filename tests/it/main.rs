@@ -13,6 +13,7 @@ mod invalid;
 mod labs_plan;
 mod modes;
 mod provision;
+mod provision_fake;
 mod provision_plan;
 mod pty;
 mod purity;

@@ -1,0 +1,313 @@
+//! The provisioning use case end to end without VMs: the HA fixture's phases through
+//! `usecase::provision` with every node a scripted `RecordingRemote` behind a fake dialer. Checks
+//! what the real test cannot cheaply: a failure's report, the journal after it, the resume that
+//! skips every finished phase, the no-op rerun, the hand-over, owner-only state and redacted logs.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use klab::exec::{BoxFuture, Dialer, JournalHandle, NodeSession};
+use klab::plan::LabPlan;
+use klab::plan::provision::PhaseId;
+use klab::provision::RemoteError;
+use klab::provision::recording::{RecordingRemote, exit, ok};
+use klab::provision::runner::as_root;
+use klab::provision::ssh::SshTarget;
+use klab::reconcile::journal::{Journal, Step};
+use klab::render::Templates;
+use klab::usecase::provision::{ProvisionInput, ProvisionOutcome, provision};
+use klab::usecase::{Env, Error, Images, Paths};
+
+const ADMIN_CONF: &str = "apiVersion: v1
+kind: Config
+clusters:
+- cluster:
+    certificate-authority-data: Q0E=
+    server: https://10.10.1.11:6443
+  name: kubernetes
+contexts:
+- context:
+    cluster: kubernetes
+    user: kubernetes-admin
+  name: kubernetes-admin@kubernetes
+current-context: kubernetes-admin@kubernetes
+users:
+- name: kubernetes-admin
+  user:
+    client-certificate-data: Q0VSVA==
+    client-key-data: U0VDUkVUS0VZ
+";
+
+/// Answers like fresh Debian 12 nodes with containerd 2.x; `kubeadm init` fails while `fail_init`.
+struct ScriptedDialer {
+    plan: LabPlan,
+    fail_init: AtomicBool,
+}
+
+impl Dialer for ScriptedDialer {
+    fn dial<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn NodeSession>, RemoteError>> {
+        Box::pin(async move {
+            let k = self.plan.kubernetes.as_ref().unwrap();
+            let i = self
+                .plan
+                .nodes
+                .iter()
+                .position(|n| n.name == target.node)
+                .unwrap();
+            let node = &self.plan.nodes[i];
+            let mut r = RecordingRemote::new(&node.name)
+                .on_prefix(
+                    "sudo -n sh -c '. /etc/os-release",
+                    ok(&format!(
+                        "os=debian-12\npkg=apt\nproduct-uuid=uuid-{i}\nmacs={}\n",
+                        node.nics[0].mac
+                    )),
+                )
+                .on_prefix(
+                    "sudo -n sh -c 'v=$(containerd --version",
+                    ok("containerd-major=2\n"),
+                )
+                .on_prefix(
+                    "sudo -n sh -c 'img=$(kubeadm config images list",
+                    ok("sandbox-image=registry.k8s.io/pause:3.10.1\n"),
+                )
+                .on_prefix(
+                    "sudo -n sh -c 'v=$(apt-cache madison",
+                    ok("kubernetes-version=1.36.4\n"),
+                )
+                .on(
+                    "sudo -n sh -c 'cat /etc/kubernetes/admin.conf'",
+                    ok(ADMIN_CONF),
+                );
+            if self.fail_init.load(Ordering::SeqCst) {
+                r = r.on_prefix(
+                    "sudo -n sh -c 'kubeadm init --config",
+                    exit(1, "[preflight] boom\n"),
+                );
+            }
+            // A fresh node: no probe holds.
+            for ph in &k.provision.phases {
+                if let Some(np) = ph.node(&node.name)
+                    && let Some(cmd) = np.probe.as_ref().and_then(|pr| pr.command.as_ref())
+                {
+                    let filled = cmd
+                        .replace("${klab:pkg}", "apt")
+                        .replace("${klab:kubernetes-version}", "1.36.4");
+                    r = r.on(&as_root(&filled), exit(1, ""));
+                }
+            }
+            Ok(Box::new(r) as Box<dyn NodeSession>)
+        })
+    }
+}
+
+struct NoImages(PathBuf);
+
+impl Images for NoImages {
+    fn local_images(&self) -> Result<Vec<klab::plan::LocalImage>, String> {
+        Ok(Vec::new())
+    }
+    fn cache_root(&self) -> PathBuf {
+        self.0.clone()
+    }
+    fn ensure(&self, _: &klab::plan::ImageSpec, _: bool) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+fn phase<'a>(o: &'a ProvisionOutcome, id: &str) -> &'a klab::usecase::provision::PhaseSummary {
+    o.phases.iter().find(|p| p.phase == id).unwrap()
+}
+
+#[tokio::test]
+async fn a_failed_provisioning_resumes_at_its_phase_and_a_rerun_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = klab::plan::fixtures::ha_lab();
+    let mut plan = klab::plan::plan(&lab, &klab::plan::fixtures::inputs(&lab.name));
+    plan.kubernetes.as_mut().unwrap().calico_manifest = Some(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/calico/calico.yaml")
+            .display()
+            .to_string(),
+    );
+    let dialer = Arc::new(ScriptedDialer {
+        plan: plan.clone(),
+        fail_init: AtomicBool::new(true),
+    });
+    let paths = Paths {
+        state_root: tmp.path().join("labs"),
+        data_root: tmp.path().join("data"),
+    };
+    let env = Env {
+        connector: Arc::new(|uri: &str| -> Result<Arc<dyn klab::backend::Backend>, _> {
+            Err(klab::backend::BackendError::Other(format!(
+                "no hypervisor in this test ({uri})"
+            )))
+        }),
+        dialer: dialer.clone(),
+        images: Arc::new(NoImages(tmp.path().join("cache"))),
+        paths: paths.clone(),
+        printer: klab::output::Printer::new(klab::cli::OutputFormat::Json),
+        call_timeout: Duration::from_secs(5),
+        host_checks: false,
+    };
+    let state = paths.state(&plan.lab);
+    let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+    let keys = state
+        .ensure_keys(&names, klab::keys::generate_ed25519)
+        .unwrap();
+    let host_keys: BTreeMap<String, String> = keys
+        .host_keys
+        .iter()
+        .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
+        .collect();
+    let mut journal = Journal::new(&plan.lab);
+    for n in &names {
+        journal.reach(n, Step::Verified, "seed");
+    }
+    let journal = Arc::new(JournalHandle::new(Some(state.clone()), journal));
+    let templates = Templates::builtin().unwrap();
+    let timeouts = klab::model::Timeouts::default();
+    let user_key = state.user_private_key().unwrap();
+    let run = || {
+        provision(
+            &env,
+            &state,
+            ProvisionInput {
+                plan: &plan,
+                templates: &templates,
+                timeouts: &timeouts,
+                journal: Arc::clone(&journal),
+                user_private_key: &user_key,
+                host_keys: &host_keys,
+                from: None,
+                only: None,
+                allow_unpinned_calico: false,
+                route_check: None,
+                jobs: 3,
+            },
+        )
+    };
+
+    // 1. kubeadm init fails: the error names node, phase, command, status, stderr and what next.
+    let err = run().await.expect_err("kubeadm init fails");
+    let Error::User { message, hint } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        message.contains("cp1: phase `kubeadm-init`: `kubeadm init` failed with exit status 1"),
+        "{message}"
+    );
+    assert!(message.contains("[preflight] boom"), "{message}");
+    assert!(message.contains("next: read the output above"), "{message}");
+    assert!(
+        hint.as_deref().unwrap().contains("logs/cp1.log"),
+        "{hint:?}"
+    );
+    let j = journal.snapshot();
+    let done = |node: &str, ph: PhaseId| {
+        j.nodes[node]
+            .phases
+            .get(ph.as_str())
+            .is_some_and(|p| p.status == "done")
+    };
+    for n in &names {
+        for ph in [
+            PhaseId::Preflight,
+            PhaseId::PackageRepo,
+            PhaseId::Containerd,
+        ] {
+            assert!(done(n, ph), "{n}: {ph:?}");
+        }
+    }
+    assert!(done("cp1", PhaseId::Vip) && !done("cp1", PhaseId::KubeadmInit));
+
+    // 2. Fixed: the rerun starts at kubeadm-init; nothing before it touches a node again.
+    dialer.fail_init.store(false, Ordering::SeqCst);
+    let o = run().await.expect("provisioned").expect("a Kubernetes lab");
+    assert!(o.changed);
+    for id in [
+        "preflight",
+        "package-repo",
+        "kubernetes-packages",
+        "containerd",
+        "vip",
+    ] {
+        let p = phase(&o, id);
+        assert!(p.ran.is_empty() && p.already.is_empty(), "{id}: {p:?}");
+        assert!(!p.journal.is_empty(), "{id}");
+    }
+    assert_eq!(phase(&o, "kubeadm-init").ran, ["cp1"]);
+    assert_eq!(phase(&o, "join-control-plane").ran, ["cp2", "cp3"]);
+    assert_eq!(phase(&o, "detect-os").ran.len(), names.len());
+    assert_eq!(o.kubernetes_version.as_deref(), Some("1.36.4"));
+    let ov = o.overhead.as_ref().expect("overhead measured");
+    assert!(ov.commands > 0 && ov.share >= 0.0);
+
+    // The hand-over: the lab's context, the VIP as server, owner-only.
+    let kc = o.kubeconfig.clone().expect("kubeconfig");
+    assert_eq!(mode(&kc), 0o600);
+    let text = std::fs::read_to_string(&kc).unwrap();
+    assert!(text.contains("server: https://10.10.1.100:6443"), "{text}");
+    assert!(
+        text.contains(&format!("current-context: {}", plan.lab)),
+        "{text}"
+    );
+
+    // Secrets: owner-only on the host, absent from the logs, the plan and the journal.
+    let dir = state.path();
+    for f in [
+        "cluster/ca.key",
+        "cluster/bootstrap-token",
+        "cluster/certificate-key",
+        "cluster/vrrp-password",
+        "logs/cp1.log",
+        "logs/w1.log",
+    ] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    assert_eq!(mode(&dir.join("logs")), 0o700);
+    let secrets: Vec<String> = [
+        "cluster/bootstrap-token",
+        "cluster/certificate-key",
+        "cluster/vrrp-password",
+    ]
+    .iter()
+    .map(|f| {
+        std::fs::read_to_string(dir.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    })
+    .collect();
+    for entry in std::fs::read_dir(dir.join("logs")).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret reached a log");
+        }
+        assert!(
+            !text.contains("U0VDUkVUS0VZ"),
+            "the admin key reached a log"
+        );
+    }
+    let log = std::fs::read_to_string(dir.join("logs/cp1.log")).unwrap();
+    assert!(log.contains("kubeadm-init: kubeadm init"), "{log}");
+    assert!(log.contains("exit 1 after"), "the failed run is in the log");
+
+    // 3. Again: nothing to do, no node contacted.
+    let again = run().await.unwrap().unwrap();
+    assert!(!again.changed);
+    assert!(again.phases.iter().all(|p| p.ran.is_empty()));
+}
