@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod copies;
 pub mod exec;
 pub mod image;
 pub mod keys;
