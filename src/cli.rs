@@ -100,6 +100,9 @@ pub enum Command {
         /// Lab file to take the name from.
         #[arg(long, short = 'f')]
         file: Option<PathBuf>,
+        /// A copy of the lab (`klab up --copy NAME`): the same as naming `LAB-NAME`.
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
     },
     /// List the labs klab knows on this host.
     List,
@@ -119,6 +122,9 @@ pub enum Command {
     SshConfig {
         /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
         name: Option<String>,
+        /// A copy of the lab (`klab up --copy NAME`): the same as naming `LAB-NAME`.
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
     },
     /// Check the host: libvirt reachable, KVM usable, bridge/subnet clashes, permissions.
     Doctor {
@@ -142,6 +148,9 @@ pub struct ProvisionArgs {
     /// Take the lab name from this file.
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
+    /// A copy of the lab (`klab up --copy NAME`): the same as naming `LAB-NAME`.
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
     /// Run this phase and every later one again, even where the journal has them finished (each
     /// phase's probe still skips work that is in place). `klab plan` lists the phases.
     #[arg(long, value_name = "PHASE")]
@@ -164,6 +173,9 @@ pub struct KubeconfigArgs {
     /// Take the lab name from this file.
     #[arg(long, short = 'f')]
     pub file: Option<PathBuf>,
+    /// A copy of the lab (`klab up --copy NAME`): the same as naming `LAB-NAME`.
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
     /// Merge into your kubeconfig ($KUBECONFIG's first file, else ~/.kube/config) with a context
     /// named after the lab, made the current context.
     #[arg(long)]
@@ -193,6 +205,16 @@ pub struct UpArgs {
     /// Download a Calico release klab has no pinned sha256 for.
     #[arg(long)]
     pub allow_unpinned: bool,
+    /// Bring up a copy of the lab named `<lab>-<NAME>`, with its own subnets from the host's pool,
+    /// its own bridges, MACs, keys and cluster (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub copy: Vec<String>,
+    /// Bring up N copies, named 1 … N (together).
+    #[arg(long, value_name = "N", conflicts_with = "copy")]
+    pub copies: Option<u16>,
+    /// Pool copies take their subnets from [default: [host] subnet-pool, else 10.240.0.0/12].
+    #[arg(long, env = "KLAB_SUBNET_POOL", value_name = "CIDR")]
+    pub subnet_pool: Option<ipnetwork::Ipv4Network>,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +230,12 @@ pub struct DownArgs {
     /// Print what would be removed without removing it.
     #[arg(long)]
     pub dry_run: bool,
+    /// Remove this copy of the lab (`klab up --copy NAME`).
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
+    /// Remove every copy of the lab.
+    #[arg(long, conflicts_with = "copy")]
+    pub all_copies: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -24,6 +24,7 @@ pub mod paths;
 pub mod plan;
 pub mod provision;
 pub mod reconcile;
+pub mod registry;
 pub mod render;
 pub mod seed;
 pub mod state;

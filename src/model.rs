@@ -44,6 +44,9 @@ pub struct Host {
     /// Which hypervisor drives the lab (`[host] backend`).
     #[serde(default)]
     pub backend: BackendKind,
+    /// `[host] subnet-pool`: where copies of the lab take their subnets from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_pool: Option<Ipv4Network>,
 }
 
 /// `[host] backend`: the hypervisor klab drives.

@@ -2,13 +2,46 @@
 
 use serde_json::json;
 
-use super::{CmdError, resolve_lab_name};
+use super::{CmdError, chain, resolve_lab_name};
 use crate::cli::{DownArgs, GlobalArgs};
 use crate::output::Printer;
 use crate::usecase::down::DownRequest;
 
 pub async fn down(p: &Printer, g: &GlobalArgs, args: &DownArgs) -> Result<(), CmdError> {
-    let lab = resolve_lab_name(args.name.clone(), args.file.clone())?;
+    let base = resolve_lab_name(args.name.clone(), args.file.clone())?;
+    let labs: Vec<String> = if args.all_copies {
+        let entries = crate::registry::Registry::new(&crate::paths::data_root())
+            .read()
+            .map_err(|e| CmdError::user(chain(&e), "remove the damaged registry.json"))?;
+        let copies = entries.copies_of(&base);
+        if copies.is_empty() {
+            p.line(format!("lab {base} has no copies on this host"));
+            return Ok(());
+        }
+        copies.into_iter().map(|(_, name)| name).collect()
+    } else if let Some(c) = &args.copy {
+        if !crate::copies::is_copy_name(c) {
+            return Err(CmdError::user(
+                format!("`{}` is not a copy name", crate::config::escape(c)),
+                "`klab list` shows the copies on this host",
+            ));
+        }
+        vec![crate::copies::copy_lab_name(&base, c)]
+    } else {
+        vec![base]
+    };
+    for lab in labs {
+        down_one(p, g, args, lab).await?;
+    }
+    Ok(())
+}
+
+async fn down_one(
+    p: &Printer,
+    g: &GlobalArgs,
+    args: &DownArgs,
+    lab: String,
+) -> Result<(), CmdError> {
     let out = crate::usecase::down::down(
         &super::env(p),
         DownRequest {

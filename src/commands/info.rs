@@ -4,19 +4,13 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::{CmdError, resolve_lab_name};
+use super::CmdError;
 use crate::cli::GlobalArgs;
 use crate::observed::DomainState;
 use crate::output::Printer;
 use crate::state::StateDir;
 
-pub async fn status(
-    p: &Printer,
-    g: &GlobalArgs,
-    name: Option<String>,
-    file: Option<std::path::PathBuf>,
-) -> Result<(), CmdError> {
-    let lab = resolve_lab_name(name, file)?;
+pub async fn status(p: &Printer, g: &GlobalArgs, lab: String) -> Result<(), CmdError> {
     let st = crate::usecase::status::status(&super::env(p), &lab, g.connect.as_deref()).await?;
     if p.is_json() {
         p.json(&json!({ "lab": st.lab, "uri": st.uri, "accelerator": st.accelerator, "networks": st.networks, "nodes": st.nodes, "kubernetes": st.kubernetes }));
@@ -111,6 +105,25 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
             entry["domains_running"] = json!(count);
         }
     }
+    // Networks and copy relations from the host-wide registry.
+    let registry = crate::registry::Registry::new(&crate::paths::data_root())
+        .read()
+        .unwrap_or_default();
+    for (name, e) in &registry.labs {
+        let entry = labs
+            .entry(name.clone())
+            .or_insert_with(|| json!({ "lab": name, "uri": null, "nodes": null, "state": false }));
+        entry["networks"] = json!(
+            e.networks
+                .iter()
+                .map(|(k, n)| format!("{k}={n}"))
+                .collect::<Vec<_>>()
+        );
+        if let Some(of) = &e.copy_of {
+            entry["copy_of"] = json!(of);
+            entry["copy"] = json!(e.copy);
+        }
+    }
     if p.is_json() {
         p.json(&labs.values().collect::<Vec<_>>());
         return Ok(());
@@ -118,9 +131,34 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
     if labs.is_empty() {
         p.line("no labs on this host");
     }
-    for v in labs.values() {
+    // Copies under their lab (also when the lab itself is not up).
+    let mut order: Vec<(String, Option<String>)> = Vec::new();
+    for (name, v) in &labs {
+        match v["copy_of"].as_str() {
+            Some(of) => order.push((of.to_string(), Some(name.clone()))),
+            None => order.push((name.clone(), None)),
+        }
+    }
+    order.sort();
+    let mut shown_parent = std::collections::BTreeSet::new();
+    for (parent, copy) in order {
+        let Some(copy) = copy else {
+            shown_parent.insert(parent.clone());
+            line(p, &labs[&parent], "");
+            continue;
+        };
+        if shown_parent.insert(parent.clone()) {
+            p.line(format!("{parent:<20} (copies only)"));
+        }
+        line(p, &labs[&copy], "  ");
+    }
+    Ok(())
+}
+
+fn line(p: &Printer, v: &serde_json::Value, indent: &str) {
+    {
         p.line(format!(
-            "{:<20} nodes {:<3} running {:<3} {}{}",
+            "{indent}{:<20} nodes {:<3} running {:<3} {}{}{}",
             v["lab"].as_str().unwrap_or(""),
             v["nodes"]
                 .as_u64()
@@ -131,6 +169,16 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
                 .map(|n| n.to_string())
                 .unwrap_or("?".into()),
             v["uri"].as_str().unwrap_or(""),
+            v["networks"]
+                .as_array()
+                .map(|n| format!(
+                    " {}",
+                    n.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ))
+                .unwrap_or_default(),
             if v["state"].as_bool() == Some(false) {
                 "  (no state dir: remove with `klab down NAME`)"
             } else {
@@ -138,5 +186,4 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
             }
         ));
     }
-    Ok(())
 }

@@ -11,7 +11,10 @@ use crate::plan::LabPlan;
 use crate::usecase::provision::{KUBECONFIG_FILE, ProvisionOutcome, ProvisionRequest};
 
 pub async fn provision(p: &Printer, g: &GlobalArgs, args: &ProvisionArgs) -> Result<(), CmdError> {
-    let lab = resolve_lab_name(args.name.clone(), args.file.clone())?;
+    let lab = super::with_copy(
+        resolve_lab_name(args.name.clone(), args.file.clone())?,
+        args.copy.clone(),
+    )?;
     let env = super::env(p);
     let req = ProvisionRequest {
         lab: lab.clone(),
@@ -133,7 +136,10 @@ pub fn cluster_summary(p: &Printer, plan: &LabPlan, o: &ProvisionOutcome) {
 }
 
 pub fn kubeconfig(p: &Printer, args: &KubeconfigArgs) -> Result<(), CmdError> {
-    let lab = resolve_lab_name(args.name.clone(), args.file.clone())?;
+    let lab = super::with_copy(
+        resolve_lab_name(args.name.clone(), args.file.clone())?,
+        args.copy.clone(),
+    )?;
     let state = crate::usecase::Paths::from_env().state(&lab);
     let path = state.path().join(KUBECONFIG_FILE);
     let Some(text) = state.read_file(KUBECONFIG_FILE)? else {

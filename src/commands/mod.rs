@@ -49,10 +49,18 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
         Command::Schema => offline::schema(&printer),
         Command::Up(args) => up::up(&printer, g, &args).await,
         Command::Down(args) => down::down(&printer, g, &args).await,
-        Command::Status { name, file } => info::status(&printer, g, name, file).await,
+        Command::Status { name, file, copy } => {
+            info::status(&printer, g, with_copy(resolve_lab_name(name, file)?, copy)?).await
+        }
         Command::List => info::list(&printer, g).await,
         Command::Ssh { node, lab, command } => ssh::ssh(&printer, g, &node, lab, command).await,
-        Command::SshConfig { name } => ssh::ssh_config(&printer, name),
+        Command::SshConfig { name, copy } => match copy {
+            None => ssh::ssh_config(&printer, name),
+            Some(c) => ssh::ssh_config(
+                &printer,
+                Some(with_copy(resolve_lab_name(name, None)?, Some(c))?),
+            ),
+        },
         Command::Doctor { file } => doctor::doctor(&printer, g, file.as_deref()).await,
         Command::Image(cmd) => image::image(&printer, cmd).await,
         Command::Provision(args) => kube::provision(&printer, g, &args).await,
@@ -153,6 +161,18 @@ pub fn resolve_lab_name(name: Option<String>, file: Option<PathBuf>) -> Result<S
         many => Err(CmdError::user(
             format!("several labs on this host: {}", many.join(", ")),
             "name the lab you mean",
+        )),
+    }
+}
+
+/// `LAB` or, with `--copy NAME`, the copy's lab name (`LAB-NAME`, shortened as `up` shortens it).
+pub fn with_copy(lab: String, copy: Option<String>) -> Result<String, CmdError> {
+    match copy {
+        None => Ok(lab),
+        Some(c) if crate::copies::is_copy_name(&c) => Ok(crate::copies::copy_lab_name(&lab, &c)),
+        Some(c) => Err(CmdError::user(
+            format!("`{}` is not a copy name", crate::config::escape(&c)),
+            "`klab list` shows the labs and their copies on this host",
         )),
     }
 }

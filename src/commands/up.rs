@@ -12,24 +12,120 @@ use crate::usecase::up::{UpOutcome, UpRequest};
 
 pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdError> {
     let lab = load_lab(&args.file)?;
-    let req = UpRequest {
-        uri: resolve_uri(g, Some(&lab)),
-        accel: requested_accel(g, Some(&lab)),
-        templates: templates(g)?,
-        lab_file: Some(args.file.clone()),
-        dry_run: args.dry_run,
-        recreate: args.recreate.iter().cloned().collect(),
-        jobs: args.jobs,
-        host: Default::default(),
-        kubernetes: !args.no_kubernetes,
-        allow_unpinned: args.allow_unpinned,
-        lab,
+    let copies: Vec<Option<String>> = match (args.copies, args.copy.is_empty()) {
+        (Some(0), _) => {
+            return Err(CmdError::user(
+                "--copies 0 brings up nothing",
+                "give the number of copies (1 or more), or leave --copies out for the lab itself",
+            ));
+        }
+        (Some(n), _) => (1..=n).map(|i| Some(i.to_string())).collect(),
+        (None, false) => args.copy.iter().cloned().map(Some).collect(),
+        (None, true) => vec![None],
     };
-    match crate::usecase::up::up(&super::env(p), req).await? {
+    let env = super::env(p);
+    let request = |copy: Option<String>| -> Result<UpRequest, CmdError> {
+        Ok(UpRequest {
+            uri: resolve_uri(g, Some(&lab)),
+            accel: requested_accel(g, Some(&lab)),
+            templates: templates(g)?,
+            lab_file: Some(args.file.clone()),
+            dry_run: args.dry_run,
+            recreate: args.recreate.iter().cloned().collect(),
+            jobs: args.jobs,
+            host: Default::default(),
+            kubernetes: !args.no_kubernetes,
+            allow_unpinned: args.allow_unpinned,
+            copy,
+            subnet_pool: args.subnet_pool,
+            lab: lab.clone(),
+        })
+    };
+    if copies == [None] {
+        let out = crate::usecase::up::up(&env, request(None)?).await?;
+        if p.is_json() {
+            p.json(&outcome_json(&out));
+        } else {
+            outcome_text(p, &out);
+        }
+        return Ok(());
+    }
+    // Copies come up together; each is its own lab with its own lock and state.
+    let mut runs = Vec::new();
+    for c in &copies {
+        let req = request(c.clone())?;
+        let env = env.clone();
+        runs.push(async move { crate::usecase::up::up(&env, req).await });
+    }
+    let results = futures::future::join_all(runs).await;
+    let mut failed = Vec::new();
+    let mut done = Vec::new();
+    for (c, r) in copies.iter().zip(results) {
+        let c = c.clone().unwrap_or_default();
+        match r {
+            Ok(out) => {
+                if !p.is_json() {
+                    outcome_text(p, &out);
+                }
+                done.push(outcome_json(&out));
+            }
+            Err(e) => {
+                p.note(format!("error: copy {c}: {e}"));
+                if let Some(h) = e.hint() {
+                    p.note(format!("  hint: {h}"));
+                }
+                failed.push(json!({ "copy": c, "error": e.to_string(), "hint": e.hint() }));
+            }
+        }
+    }
+    if p.is_json() {
+        p.json(&json!({ "lab": lab.name, "copies": done, "failed": failed }));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(CmdError::user(
+            format!("{} of {} copies are not up", failed.len(), copies.len()),
+            "fix the cause and run the same command again (copies that are up are left as they are), or remove them with `klab down LAB --all-copies`",
+        ))
+    }
+}
+
+fn outcome_json(out: &UpOutcome) -> serde_json::Value {
+    match out {
         UpOutcome::DryRun { plan, todo } => {
-            if p.is_json() {
-                p.json(&json!({ "lab": plan.lab, "dry_run": true, "actions": todo.actions, "unchanged": todo.unchanged, "drift": todo.drift }));
-            } else if todo.is_noop() {
+            json!({ "lab": plan.lab, "dry_run": true, "actions": todo.actions, "unchanged": todo.unchanged, "drift": todo.drift })
+        }
+        UpOutcome::Done {
+            plan,
+            accel,
+            changed,
+            reports,
+            drift,
+            kubernetes,
+        } => json!({
+            "lab": plan.lab,
+            "changed": changed,
+            "kubernetes": kubernetes.as_ref().map(|k| super::kube::cluster_json(plan, k)),
+            "accelerator": accel.as_str(),
+            "drift": drift,
+            "networks": plan.networks.iter().map(|n| json!({"name": n.name, "cidr": format!("{}/{}", n.address, n.prefix), "bridge": n.bridge})).collect::<Vec<_>>(),
+            "nodes": plan.nodes.iter().map(|n| json!({
+                "name": n.name,
+                "role": n.role.as_str(),
+                "domain": n.domain,
+                "ssh": n.ssh_address,
+                "cluster_ip": n.cluster_ip,
+                "report": reports.iter().find(|r| r.node == n.name),
+            })).collect::<Vec<_>>(),
+        }),
+    }
+}
+
+fn outcome_text(p: &Printer, out: &UpOutcome) {
+    match out {
+        UpOutcome::DryRun { plan, todo } => {
+            if todo.is_noop() {
                 p.line(format!("lab {} is up to date; nothing to do", plan.lab));
             } else {
                 p.line(format!("klab up would, for lab {}:", plan.lab));
@@ -43,19 +139,10 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
             accel,
             changed,
             reports,
-            drift,
             kubernetes,
-        } => report(
-            p,
-            &plan,
-            &reports,
-            !changed,
-            accel,
-            &drift,
-            kubernetes.as_ref(),
-        ),
+            ..
+        } => report(p, plan, reports, !changed, *accel, kubernetes.as_ref()),
     }
-    Ok(())
 }
 
 fn report(
@@ -64,27 +151,8 @@ fn report(
     reports: &[NodeReport],
     noop: bool,
     accel: Accel,
-    drift: &[crate::reconcile::Drift],
     kubernetes: Option<&crate::usecase::provision::ProvisionOutcome>,
 ) {
-    if p.is_json() {
-        p.json(&json!({
-            "lab": plan.lab,
-            "changed": !noop,
-            "kubernetes": kubernetes.map(|k| super::kube::cluster_json(plan, k)),
-            "accelerator": accel.as_str(),
-            "drift": drift,
-            "nodes": plan.nodes.iter().map(|n| json!({
-                "name": n.name,
-                "role": n.role.as_str(),
-                "domain": n.domain,
-                "ssh": n.ssh_address,
-                "cluster_ip": n.cluster_ip,
-                "report": reports.iter().find(|r| r.node == n.name),
-            })).collect::<Vec<_>>(),
-        }));
-        return;
-    }
     if noop {
         p.line(format!(
             "lab {} is up to date: {} nodes running and verified, nothing changed",

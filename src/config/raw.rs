@@ -117,6 +117,9 @@ pub struct HostConfig {
     pub accel: Option<Field<AccelName>>,
     /// Hypervisor: `libvirt` (default) or `hyperv` (Windows Hyper-V through PowerShell, also from WSL2).
     pub backend: Option<Field<BackendName>>,
+    /// Where copies of this lab (`klab up --copy`) take their subnets from (default `10.240.0.0/12`;
+    /// `KLAB_SUBNET_POOL` overrides).
+    pub subnet_pool: Option<Field<String>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]

@@ -651,6 +651,9 @@ fn host(cfg: &LabConfig, ctx: &mut Ctx<'_>) -> Host {
             AccelName::Qemu => Accel::Qemu,
         };
     }
+    if let Some((pool, _)) = ctx.cidr(&h.value.subnet_pool, &at, "subnet-pool") {
+        host.subnet_pool = Some(pool);
+    }
     if let Some((b, _)) = ctx.choice(&h.value.backend, &at, "backend", &["libvirt", "hyperv"]) {
         host.backend = match b {
             BackendName::Libvirt => BackendKind::Libvirt,

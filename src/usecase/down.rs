@@ -30,6 +30,22 @@ pub async fn down(env: &Env, req: DownRequest) -> Result<DownOutcome, Error> {
         Some(state.lock()?)
     };
     let result = run(env, &req).await;
+    if let Ok(out) = &result
+        && !out.dry_run
+    {
+        // Its networks are gone: the subnets are free for other labs and copies again.
+        let registry = crate::registry::Registry::new(&env.paths.data_root);
+        match registry.lock() {
+            Ok(mut g) => {
+                if g.entries.labs.remove(&req.lab).is_some()
+                    && let Err(e) = g.save()
+                {
+                    env.printer.note(format!("warning: {}", chain(&e)));
+                }
+            }
+            Err(e) => env.printer.note(format!("warning: {}", chain(&e))),
+        }
+    }
     if result.is_err() && !had_dir {
         // The lock created the directory; a failed down must not leave it behind.
         if let Err(e) = state.remove() {

@@ -35,6 +35,11 @@ pub struct UpRequest {
     pub kubernetes: bool,
     /// Download a Calico release klab has no pinned digest for.
     pub allow_unpinned: bool,
+    /// `--copy NAME`: bring up this copy of the lab (`<lab>-<NAME>`, its own subnets).
+    pub copy: Option<String>,
+    /// The pool copies take subnets from (`KLAB_SUBNET_POOL`, else `[host] subnet-pool`, else
+    /// [`crate::copies::DEFAULT_POOL`]).
+    pub subnet_pool: Option<ipnetwork::Ipv4Network>,
 }
 
 #[derive(Debug)]
@@ -75,7 +80,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub async fn up(env: &Env, req: UpRequest) -> Result<UpOutcome, Error> {
+pub async fn up(env: &Env, mut req: UpRequest) -> Result<UpOutcome, Error> {
+    if let Some(copy) = req.copy.clone() {
+        req.lab = derive_copy(env, &req, &copy)?;
+    }
     let state = env.paths.state(&req.lab.name);
     let _lock = if req.dry_run {
         if state.is_locked() {
@@ -177,6 +185,9 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
                     "fix the items above (change the lab's CIDRs or bridge names), or run `klab doctor -f <lab file>` for details",
                 )
             })?;
+    }
+    if !req.dry_run {
+        claim_subnets(env, lab)?;
     }
     // A saved plan or journal this klab cannot read only costs the change check, never the lab:
     // without a journal every running node is waited for and verified again.
@@ -432,6 +443,88 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             ),
         )),
     }
+}
+
+fn registry_err(e: crate::registry::RegistryError) -> Error {
+    Error::user(
+        chain(&e),
+        "wait for the other klab; a damaged registry.json can be removed (the next `klab up` of each lab registers it again)",
+    )
+}
+
+/// `req.lab` as copy `copy`: its subnets from the registry when it has them (stable), else new
+/// ones from the pool clear of every other lab's, the host's routes and the lab's pod/service
+/// ranges; claimed at once, so copies brought up together never pick the same subnet.
+fn derive_copy(env: &Env, req: &UpRequest, copy: &str) -> Result<Lab, Error> {
+    let pool = req
+        .subnet_pool
+        .or(req.lab.host.subnet_pool)
+        .unwrap_or_else(|| {
+            crate::copies::DEFAULT_POOL
+                .parse()
+                .expect("the default pool is a CIDR")
+        });
+    let name = crate::copies::copy_lab_name(&req.lab.name, copy);
+    let registry = crate::registry::Registry::new(&env.paths.data_root);
+    let mut g = registry.lock().map_err(registry_err)?;
+    let previous = g.entries.labs.get(&name).map(|e| e.networks.clone());
+    let mut taken = g.entries.taken_by_others(&name);
+    if env.host_checks {
+        taken.extend(
+            req.host
+                .routes()
+                .into_iter()
+                .filter(|r| r.net.prefix() > 0)
+                .map(|r| r.net)
+                .filter(|n| !previous.iter().flatten().any(|(_, p)| p == n)),
+        );
+    }
+    let lab = crate::copies::derive(&req.lab, copy, pool, &taken, previous.as_deref())
+        .map_err(|e| Error::user(e.to_string(), e.hint()))?;
+    if req.dry_run {
+        return Ok(lab);
+    }
+    g.entries.labs.insert(
+        lab.name.clone(),
+        crate::registry::Entry {
+            networks: crate::copies::subnets(&lab),
+            copy_of: Some(req.lab.name.clone()),
+            copy: Some(copy.to_string()),
+        },
+    );
+    g.save().map_err(registry_err)?;
+    Ok(lab)
+}
+
+/// Records the lab's subnets host-wide, refusing (with both names) one another lab uses.
+fn claim_subnets(env: &Env, lab: &Lab) -> Result<(), Error> {
+    let registry = crate::registry::Registry::new(&env.paths.data_root);
+    let mut g = registry.lock().map_err(registry_err)?;
+    let mine = crate::copies::subnets(lab);
+    let conflicts = g.entries.conflicts(&lab.name, &mine);
+    if !conflicts.is_empty() {
+        return Err(Error::user(
+            format!(
+                "the lab's networks are in use on this host:\n  {}",
+                conflicts.join("\n  ")
+            ),
+            "change the lab's CIDRs, remove the other lab (`klab down NAME`), or run a copy (`klab up --copy NAME`) that gets its own subnets",
+        ));
+    }
+    let entry = g
+        .entries
+        .labs
+        .entry(lab.name.clone())
+        .or_insert_with(|| crate::registry::Entry {
+            networks: Vec::new(),
+            copy_of: None,
+            copy: None,
+        });
+    if entry.networks != mine {
+        entry.networks = mine;
+        g.save().map_err(registry_err)?;
+    }
+    Ok(())
 }
 
 /// The provisioner, once every node is verified (labs with `[kubernetes]`).

@@ -204,6 +204,8 @@ impl World {
             host: Default::default(),
             kubernetes: false,
             allow_unpinned: false,
+            copy: None,
+            subnet_pool: None,
         }
     }
 
