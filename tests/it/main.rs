@@ -3,6 +3,7 @@
 mod backend_test_driver;
 mod calico;
 mod cli;
+mod copies;
 mod crash;
 mod e2e;
 mod exec_fake;

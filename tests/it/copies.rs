@@ -1,0 +1,134 @@
+//! Real copies under QEMU/TCG (`cargo test --test it copies_ -- --include-ignored`): three copies of
+//! a one-node lab come up together from one lab file with their own subnets, bridges, MACs and
+//! keys; a copy's node reaches its own gateway and not another copy's node; `down` of one copy
+//! leaves the others running and frees its subnets.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use super::e2e::{klab, ok};
+
+const LAB: &str = "e2ecp";
+
+struct Down;
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = klab(&["down", LAB, "--all-copies"]);
+    }
+}
+
+fn registry() -> serde_json::Value {
+    let p = klab::paths::data_root().join("registry.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|_| "{}".into())).unwrap()
+}
+
+#[test]
+#[ignore = "needs libvirt qemu:///system and the test guest image"]
+fn copies_come_up_together_apart_and_go_alone() {
+    let lab_file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("labs/e2e-copies.toml");
+    let lab_path = lab_file.to_str().unwrap();
+    let _ = klab(&["down", LAB, "--all-copies"]);
+    let _down = Down;
+
+    let out = klab(&["up", lab_path, "--copies", "3", "--output", "json"]);
+    assert!(out.status.success(), "klab up --copies 3 failed");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let copies = report["copies"].as_array().expect("copies");
+    assert_eq!(copies.len(), 3, "{report}");
+    let pool: ipnetwork::Ipv4Network = klab::copies::DEFAULT_POOL.parse().unwrap();
+
+    let (mut subnets, mut bridges, mut macs) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    let mut nodes = Vec::new();
+    for (i, c) in copies.iter().enumerate() {
+        let name = format!("{LAB}-{}", i + 1);
+        assert_eq!(c["lab"], name.as_str());
+        for n in c["networks"].as_array().unwrap() {
+            let cidr: ipnetwork::Ipv4Network = n["cidr"].as_str().unwrap().parse().unwrap();
+            assert!(pool.contains(cidr.network()), "{cidr} outside the pool");
+            assert!(subnets.insert(cidr), "{cidr} used twice");
+            assert!(bridges.insert(n["bridge"].as_str().unwrap().to_string()));
+        }
+        let plan: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(klab::paths::state_root().join(&name).join("plan.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let node = &plan["nodes"][0];
+        for nic in node["nics"].as_array().unwrap() {
+            assert!(macs.insert(nic["mac"].as_str().unwrap().to_string()));
+            // The host part of the lab file's address is kept.
+            assert!(nic["ip"].as_str().unwrap().ends_with(".10"), "{nic}");
+        }
+        let ssh: String = node["ssh_address"].as_str().unwrap().to_string();
+        let gw = node["nics"][0]["gateway"].as_str().unwrap().to_string();
+        nodes.push((name, ssh, gw));
+    }
+
+    // Each node has its copy's addresses, reaches its own gateway and no other copy's node.
+    for (i, (name, ssh, gw)) in nodes.iter().enumerate() {
+        let addrs = ok(&[
+            "ssh",
+            &format!("{name}/vm"),
+            "--",
+            "ip -o -4 addr show dev ext0",
+        ]);
+        assert!(addrs.contains(&format!(" {ssh}/24 ")), "{name}: {addrs}");
+        let neigh = ok(&[
+            "ssh",
+            &format!("{name}/vm"),
+            "--",
+            &format!("timeout 3 bash -c '</dev/tcp/{gw}/1' 2>/dev/null; ip neigh show {gw}"),
+        ]);
+        assert!(
+            neigh.contains("lladdr"),
+            "{name}: own gateway {gw} not reachable: {neigh}"
+        );
+        let other = &nodes[(i + 1) % nodes.len()].1;
+        let probe = klab(&[
+            "ssh",
+            &format!("{name}/vm"),
+            "--",
+            &format!("timeout 4 bash -c '</dev/tcp/{other}/22'"),
+        ]);
+        assert!(
+            !probe.status.success(),
+            "{name} reached another copy's node {other}"
+        );
+    }
+    let reg = registry();
+    for (name, _, _) in &nodes {
+        assert_eq!(reg["labs"][name]["copy_of"], LAB, "{reg}");
+    }
+    let list: serde_json::Value = serde_json::from_str(&ok(&["list", "--output", "json"])).unwrap();
+    let listed: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["copy_of"] == LAB)
+        .map(|l| l["lab"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["e2ecp-1", "e2ecp-2", "e2ecp-3"]);
+
+    // Down of copy 2 alone: the others keep running, its subnets are free again.
+    ok(&["down", LAB, "--copy", "2"]);
+    for c in ["1", "3"] {
+        let st: serde_json::Value =
+            serde_json::from_str(&ok(&["status", LAB, "--copy", c, "--output", "json"])).unwrap();
+        assert_eq!(st["nodes"][0]["state"], "running", "copy {c}: {st}");
+    }
+    assert!(registry()["labs"].get("e2ecp-2").is_none());
+    // Up again: the same subnets as before for the copies that stayed.
+    let again = klab(&["up", lab_path, "--copy", "1", "--output", "json"]);
+    assert!(again.status.success());
+    let again: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(again["copies"][0]["changed"], false);
+    assert_eq!(again["copies"][0]["networks"], copies[0]["networks"]);
+
+    ok(&["down", LAB, "--all-copies"]);
+    assert!(
+        registry()["labs"]
+            .as_object()
+            .is_none_or(|m| !m.keys().any(|k| k.starts_with("e2ecp-")))
+    );
+}
