@@ -135,10 +135,57 @@ pub enum Command {
     /// Manage base images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Save, list or delete snapshots of a running lab (every node's memory and disk).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+    /// Put every node of the lab back to a snapshot in seconds (default: the one `up --snapshot` took).
+    Reset {
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        name: Option<String>,
+        /// A copy of the lab (`klab up --copy NAME`).
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
+        /// The snapshot to go back to.
+        #[arg(long, value_name = "SNAPSHOT", default_value = "initial")]
+        to: String,
+    },
     /// Run the Kubernetes phases again on a lab that is up (what `klab up` does after the VMs).
     Provision(ProvisionArgs),
     /// Print the lab's admin kubeconfig, or merge it into your kubeconfig.
     Kubeconfig(KubeconfigArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Pause every node together, save each one's memory and disk, resume them.
+    Save {
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        name: Option<String>,
+        /// Snapshot name.
+        #[arg(default_value = "initial")]
+        snapshot: String,
+        /// A copy of the lab (`klab up --copy NAME`).
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
+    },
+    /// The lab's snapshots.
+    List {
+        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+        name: Option<String>,
+        /// A copy of the lab.
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
+    },
+    /// Delete a snapshot of the lab.
+    Delete {
+        /// Lab name.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+        /// A copy of the lab.
+        #[arg(long, value_name = "NAME")]
+        copy: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -215,6 +262,9 @@ pub struct UpArgs {
     /// Pool copies take their subnets from [default: [host] subnet-pool, else 10.240.0.0/12].
     #[arg(long, env = "KLAB_SUBNET_POOL", value_name = "CIDR")]
     pub subnet_pool: Option<ipnetwork::Ipv4Network>,
+    /// Once the lab is ready, take the snapshot `initial` that `klab reset` goes back to.
+    #[arg(long)]
+    pub snapshot: bool,
 }
 
 #[derive(Debug, Args)]

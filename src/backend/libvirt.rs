@@ -806,6 +806,63 @@ impl Backend for LibvirtBackend {
         Ok(())
     }
 
+    fn suspend_domain(&self, name: &str) -> Result<()> {
+        let dom = self
+            .lookup_domain(name)?
+            .ok_or_else(|| BackendError::op("suspend", "domain", name, "no such domain"))?;
+        dom.suspend()
+            .map_err(|e| fail("suspend", "domain", name, e))
+    }
+
+    fn resume_domain(&self, name: &str) -> Result<()> {
+        let dom = self
+            .lookup_domain(name)?
+            .ok_or_else(|| BackendError::op("resume", "domain", name, "no such domain"))?;
+        dom.resume().map_err(|e| fail("resume", "domain", name, e))
+    }
+
+    fn create_snapshot(&self, domain: &str, xml: &str) -> Result<()> {
+        let dom = self
+            .lookup_domain(domain)?
+            .ok_or_else(|| BackendError::op("snapshot", "domain", domain, "no such domain"))?;
+        dom.create_snapshot_xml(xml, sys::VIR_DOMAIN_SNAPSHOT_CREATE_ATOMIC)
+            .map(|_| ())
+            .map_err(|e| fail("snapshot", "domain", domain, e))
+    }
+
+    fn revert_snapshot(&self, domain: &str, name: &str) -> Result<()> {
+        let dom = self
+            .lookup_domain(domain)?
+            .ok_or_else(|| BackendError::op("revert", "domain", domain, "no such domain"))?;
+        let snap = Domain::lookup_snapshot_by_name(&dom, name, 0)
+            .map_err(|e| fail("revert", "domain", domain, e))?;
+        snap.revert(sys::VIR_DOMAIN_SNAPSHOT_REVERT_PAUSED | sys::VIR_DOMAIN_SNAPSHOT_REVERT_FORCE)
+            .map_err(|e| fail("revert", "domain", domain, e))
+    }
+
+    fn delete_snapshot(&self, domain: &str, name: &str) -> Result<()> {
+        let Some(dom) = self.lookup_domain(domain)? else {
+            return Ok(());
+        };
+        match Domain::lookup_snapshot_by_name(&dom, name, 0) {
+            Ok(snap) => snap
+                .delete(0)
+                .map_err(|e| fail("delete a snapshot of", "domain", domain, e)),
+            Err(e) if code_is(&e, ErrorNumber::NoDomainSnapshot) => Ok(()),
+            Err(e) => Err(fail("delete a snapshot of", "domain", domain, e)),
+        }
+    }
+
+    fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
+        let Some(dom) = self.lookup_domain(domain)? else {
+            return Ok(Vec::new());
+        };
+        let snaps = dom
+            .list_all_snapshots(0)
+            .map_err(|e| fail("list snapshots of", "domain", domain, e))?;
+        Ok(snaps.iter().filter_map(|s| s.name().ok()).collect())
+    }
+
     fn domain_state(&self, name: &str) -> Result<Option<DomainState>> {
         let Some(dom) = self.lookup_domain(name)? else {
             return Ok(None);

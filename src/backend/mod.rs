@@ -111,4 +111,36 @@ pub trait Backend: Send + Sync + 'static {
     fn domain_state(&self, name: &str) -> Result<Option<DomainState>>;
     /// Destroy (if running) and undefine with managed save, snapshot metadata and NVRAM.
     fn remove_domain(&self, name: &str) -> Result<()>;
+
+    /// Pause a running domain (a lab's nodes are paused together before they are snapshotted).
+    fn suspend_domain(&self, name: &str) -> Result<()> {
+        Err(self.unsupported("suspend", name))
+    }
+    fn resume_domain(&self, name: &str) -> Result<()> {
+        Err(self.unsupported("resume", name))
+    }
+    /// A snapshot of the domain with its memory, as `xml` (`<domainsnapshot>`) describes it.
+    fn create_snapshot(&self, domain: &str, _xml: &str) -> Result<()> {
+        Err(self.unsupported("snapshot", domain))
+    }
+    /// Back to snapshot `name`, left paused (the caller resumes the lab's nodes together).
+    fn revert_snapshot(&self, domain: &str, _name: &str) -> Result<()> {
+        Err(self.unsupported("revert", domain))
+    }
+    /// Absent is fine.
+    fn delete_snapshot(&self, domain: &str, _name: &str) -> Result<()> {
+        Err(self.unsupported("delete a snapshot of", domain))
+    }
+    fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
+        Err(self.unsupported("list snapshots of", domain))
+    }
+
+    fn unsupported(&self, op: &'static str, name: &str) -> BackendError {
+        BackendError::Unsupported {
+            op,
+            kind: "domain",
+            name: name.to_string(),
+            backend: self.kind().to_string(),
+        }
+    }
 }

@@ -6,6 +6,7 @@ pub mod image;
 pub mod info;
 pub mod kube;
 pub mod offline;
+pub mod snapshot;
 pub mod ssh;
 pub mod up;
 
@@ -64,6 +65,16 @@ pub async fn run(cli: Cli) -> Result<(), CmdError> {
         Command::Doctor { file } => doctor::doctor(&printer, g, file.as_deref()).await,
         Command::Image(cmd) => image::image(&printer, cmd).await,
         Command::Provision(args) => kube::provision(&printer, g, &args).await,
+        Command::Snapshot(cmd) => snapshot::snapshot(&printer, g, cmd).await,
+        Command::Reset { name, copy, to } => {
+            snapshot::reset(
+                &printer,
+                g,
+                with_copy(resolve_lab_name(name, None)?, copy)?,
+                &to,
+            )
+            .await
+        }
         Command::Kubeconfig(args) => kube::kubeconfig(&printer, &args),
     }
 }

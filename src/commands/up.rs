@@ -43,6 +43,9 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     };
     if copies == [None] {
         let out = crate::usecase::up::up(&env, request(None)?).await?;
+        if args.snapshot && !args.dry_run {
+            initial_snapshot(p, g, &env, &out).await?;
+        }
         if p.is_json() {
             p.json(&outcome_json(&out));
         } else {
@@ -62,6 +65,12 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     let mut done = Vec::new();
     for (c, r) in copies.iter().zip(results) {
         let c = c.clone().unwrap_or_default();
+        let r = match r {
+            Ok(out) if args.snapshot && !args.dry_run => {
+                initial_snapshot(p, g, &env, &out).await.map(|()| out)
+            }
+            other => other,
+        };
         match r {
             Ok(out) => {
                 if !p.is_json() {
@@ -89,6 +98,43 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
             "fix the cause and run the same command again (copies that are up are left as they are), or remove them with `klab down LAB --all-copies`",
         ))
     }
+}
+
+/// `up --snapshot`: the snapshot `reset` goes back to, taken once the lab is ready (an existing one
+/// is kept: a rerun of `up --snapshot` must not move the lab's starting point).
+async fn initial_snapshot(
+    p: &Printer,
+    g: &GlobalArgs,
+    env: &crate::usecase::Env,
+    out: &UpOutcome,
+) -> Result<(), CmdError> {
+    let UpOutcome::Done { plan, .. } = out else {
+        return Ok(());
+    };
+    let initial = crate::usecase::snapshot::INITIAL;
+    if crate::usecase::snapshot::list(env, &plan.lab)
+        .iter()
+        .any(|s| s.name == initial)
+    {
+        p.note(format!(
+            "lab {}: keeping its snapshot `{initial}` (`klab snapshot delete {} {initial}` first to take a new one)",
+            plan.lab, plan.lab
+        ));
+        return Ok(());
+    }
+    let info = crate::usecase::snapshot::save(
+        env,
+        &plan.lab,
+        initial,
+        g.connect.as_deref(),
+        &templates(g)?,
+    )
+    .await?;
+    p.note(format!(
+        "lab {}: snapshot `{initial}` taken (paused {:.1}s); `klab reset {}` goes back to it",
+        plan.lab, info.paused_seconds, plan.lab
+    ));
+    Ok(())
 }
 
 fn outcome_json(out: &UpOutcome) -> serde_json::Value {

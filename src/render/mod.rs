@@ -25,6 +25,7 @@ pub const NETWORK_ISOLATED: &str = "network-isolated.xml.j2";
 pub const DOMAIN: &str = "domain.xml.j2";
 pub const POOL: &str = "pool.xml.j2";
 pub const VOLUME_OVERLAY: &str = "volume-overlay.xml.j2";
+pub const SNAPSHOT: &str = "snapshot.xml.j2";
 pub const META_DATA: &str = "meta-data.j2";
 pub const USER_DATA: &str = "user-data.j2";
 pub const NETWORK_CONFIG: &str = "network-config.j2";
@@ -48,6 +49,10 @@ pub const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../network-templates/domain.xml.j2"),
     ),
     (POOL, include_str!("../../network-templates/pool.xml.j2")),
+    (
+        SNAPSHOT,
+        include_str!("../../network-templates/snapshot.xml.j2"),
+    ),
     (
         VOLUME_OVERLAY,
         include_str!("../../network-templates/volume-overlay.xml.j2"),
@@ -196,6 +201,15 @@ impl Templates {
     /// Names of the templates that were overridden.
     pub fn overridden(&self) -> &[String] {
         &self.overridden
+    }
+
+    /// The `<domainsnapshot>` XML for snapshot `name` of `node` in `lab`.
+    pub fn snapshot_xml(&self, lab: &str, node: &str, name: &str) -> Result<String, RenderError> {
+        self.render(
+            SNAPSHOT,
+            &format!("snapshot `{name}` of node `{node}`"),
+            minijinja::context! { lab => lab, node => node, name => name },
+        )
     }
 
     fn render(&self, template: &str, object: &str, ctx: Value) -> Result<String, RenderError> {

@@ -7,6 +7,7 @@
 pub mod down;
 pub mod host;
 pub mod provision;
+pub mod snapshot;
 pub mod status;
 pub mod up;
 
@@ -254,6 +255,15 @@ fn call_timeout_from_env() -> Duration {
         .filter(|s| (1..=86_400).contains(s))
         .map(Duration::from_secs)
         .unwrap_or(crate::exec::CALL_TIMEOUT)
+}
+
+/// The timeouts of the lab file `up` read (its state's `meta.json` says where; a copy's is its
+/// lab's file) while it is still there and valid; the defaults otherwise.
+pub fn lab_timeouts(meta: Option<&crate::state::LabMeta>) -> crate::model::Timeouts {
+    meta.and_then(|m| m.source.as_ref())
+        .and_then(|f| crate::config::check_file(std::path::Path::new(f)).ok())
+        .map(|c| c.lab.timeouts)
+        .unwrap_or_default()
 }
 
 /// Resolve `auto`/`kvm`/`qemu` against what the hypervisor offers.

@@ -856,14 +856,7 @@ pub async fn provision_lab(env: &Env, req: ProvisionRequest) -> Result<Provision
         }
     };
     let meta = state.load_meta().map_err(state_err)?;
-    // The lab file's timeouts when it is still where `up` read it; the defaults otherwise.
-    let timeouts = meta
-        .as_ref()
-        .and_then(|m| m.source.as_ref())
-        .and_then(|f| crate::config::check_file(std::path::Path::new(f)).ok())
-        .filter(|c| c.lab.name == req.lab)
-        .map(|c| c.lab.timeouts)
-        .unwrap_or_default();
+    let timeouts = super::lab_timeouts(meta.as_ref());
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let keys = state
         .ensure_keys(&names, crate::keys::generate_ed25519)

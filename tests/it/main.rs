@@ -20,6 +20,7 @@ mod pty;
 mod purity;
 mod render_validate;
 mod seed;
+mod snapshot;
 mod ssh;
 mod standin_repo;
 mod tools;

@@ -1,0 +1,497 @@
+//! `snapshot save|list|delete` and `reset`: a lab put back to a moment in seconds instead of
+//! rebuilt. Every node of the lab is paused together, then each takes an internal snapshot of its
+//! memory and disk (libvirt, in the node's qcow2 overlay), then all resume. `reset` reverts every
+//! node paused, resumes them together, sets each guest clock to the host's (a cluster whose clock
+//! is in the past rejects certificates), and verifies every node (and, for a provisioned Kubernetes
+//! lab, that every node is Ready) before it reports success.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Env, Error, chain, find_lab};
+use crate::backend::Backend;
+use crate::observed::DomainState;
+use crate::plan::LabPlan;
+use crate::provision::ssh::SshTarget;
+use crate::render::Templates;
+use crate::state::StateDir;
+
+/// The snapshot `klab up --snapshot` takes and `klab reset` goes back to by default.
+pub const INITIAL: &str = "initial";
+const RECORD_FILE: &str = "snapshots.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub name: String,
+    /// Unix seconds, host clock.
+    pub created_at: u64,
+    pub nodes: Vec<String>,
+    /// Seconds all nodes were paused while it was taken.
+    #[serde(default)]
+    pub paused_seconds: f64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Records {
+    #[serde(default)]
+    snapshots: Vec<SnapshotInfo>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResetOutcome {
+    pub lab: String,
+    pub snapshot: String,
+    pub seconds: f64,
+    /// Per node: how far its clock was behind the host's before klab set it (seconds).
+    pub clock_behind: BTreeMap<String, f64>,
+    pub kubernetes_ready: Option<bool>,
+}
+
+/// `[a-z0-9._-]`, 1–40 characters: a name libvirt and a shell take as it is.
+pub fn is_snapshot_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 40
+        && !s.starts_with(['-', '.'])
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+}
+
+fn check_name(name: &str) -> Result<(), Error> {
+    if is_snapshot_name(name) {
+        Ok(())
+    } else {
+        Err(Error::user(
+            format!("`{}` is not a snapshot name", crate::config::escape(name)),
+            "use lowercase letters, digits, `.`, `_` and `-` (at most 40), e.g. `initial` or `before-upgrade`",
+        ))
+    }
+}
+
+fn records(state: &StateDir) -> Records {
+    state
+        .read_file(RECORD_FILE)
+        .ok()
+        .flatten()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default()
+}
+
+fn save_records(state: &StateDir, r: &Records) -> Result<(), Error> {
+    let text = serde_json::to_string_pretty(r).map_err(|e| Error::Internal(e.to_string()))?;
+    state
+        .write_private_file(RECORD_FILE, text.as_bytes())
+        .map(|_| ())
+        .map_err(|e| Error::Internal(chain(&e)))
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The lab's saved plan and a connection; every node must be running.
+async fn running_lab(
+    env: &Env,
+    lab: &str,
+    connect: Option<&str>,
+) -> Result<(LabPlan, Arc<dyn Backend>), Error> {
+    let state = env.paths.state(lab);
+    let found = find_lab(env, connect, &state).await?;
+    let plan = found.saved.ok_or_else(|| {
+        Error::user(
+            format!("lab {lab} has no saved plan on this host"),
+            "`klab up LAB_FILE` builds it; `klab list` shows the labs here",
+        )
+    })?;
+    if !found.uri.starts_with("qemu:") {
+        return Err(Error::user(
+            format!(
+                "snapshots need a libvirt QEMU hypervisor; lab {lab} runs on {}",
+                found.uri
+            ),
+            "snapshots are taken with libvirt's internal snapshots of the nodes' qcow2 overlays",
+        ));
+    }
+    let states: BTreeMap<String, DomainState> = found
+        .observed
+        .domains
+        .iter()
+        .filter(|d| d.owner.as_ref().is_some_and(|t| t.lab == lab))
+        .map(|d| (d.name.clone(), d.state))
+        .collect();
+    let not_running: Vec<String> = plan
+        .nodes
+        .iter()
+        .filter(|n| states.get(&n.domain) != Some(&DomainState::Running))
+        .map(|n| n.name.clone())
+        .collect();
+    if !not_running.is_empty() {
+        return Err(Error::user(
+            format!("lab {lab}: {} not running", not_running.join(", ")),
+            "`klab up LAB_FILE` starts what is missing; snapshots are taken of a running lab",
+        ));
+    }
+    Ok((plan, found.backend))
+}
+
+/// Pauses every node together, snapshots each, resumes them all (also when a snapshot failed;
+/// the ones already taken are then deleted again).
+pub async fn save(
+    env: &Env,
+    lab: &str,
+    name: &str,
+    connect: Option<&str>,
+    templates: &Templates,
+) -> Result<SnapshotInfo, Error> {
+    check_name(name)?;
+    let state = env.paths.state(lab);
+    let _lock = state.lock()?;
+    let (plan, backend) = running_lab(env, lab, connect).await?;
+    let mut recs = records(&state);
+    if recs.snapshots.iter().any(|s| s.name == name) {
+        return Err(Error::user(
+            format!("lab {lab} already has a snapshot `{name}`"),
+            format!("delete it first (`klab snapshot delete {lab} {name}`) or choose another name"),
+        ));
+    }
+    let mut xmls = Vec::new();
+    for n in &plan.nodes {
+        let xml = templates
+            .snapshot_xml(lab, &n.name, name)
+            .map_err(|e| Error::user(chain(&e), "check your template overrides"))?;
+        xmls.push((n.domain.clone(), xml));
+    }
+    let p = &env.printer;
+    let started = Instant::now();
+    let mut paused = Vec::new();
+    let mut taken = Vec::new();
+    let mut failure = None;
+    for (dom, _) in &xmls {
+        let d = dom.clone();
+        match env
+            .call(&backend, format!("suspend {d}"), move |b| {
+                b.suspend_domain(&d)
+            })
+            .await
+        {
+            Ok(()) => paused.push(dom.clone()),
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if failure.is_none() {
+        for (dom, xml) in &xmls {
+            let (d, x) = (dom.clone(), xml.clone());
+            p.note(format!("{dom}: saving memory and disk"));
+            match env
+                .call(&backend, format!("snapshot {d}"), move |b| {
+                    b.create_snapshot(&d, &x)
+                })
+                .await
+            {
+                Ok(()) => taken.push(dom.clone()),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+    }
+    if failure.is_some() {
+        for dom in &taken {
+            let (d, n) = (dom.clone(), name.to_string());
+            let _ = env
+                .call(&backend, format!("delete snapshot of {d}"), move |b| {
+                    b.delete_snapshot(&d, &n)
+                })
+                .await;
+        }
+    }
+    let paused_for = started.elapsed().as_secs_f64();
+    for dom in &paused {
+        let d = dom.clone();
+        if let Err(e) = env
+            .call(&backend, format!("resume {d}"), move |b| {
+                b.resume_domain(&d)
+            })
+            .await
+        {
+            p.note(format!("warning: {e}; `virsh resume {dom}` resumes it"));
+        }
+    }
+    if let Some(e) = failure {
+        return Err(Error::user(
+            format!("lab {lab}: snapshot `{name}` was not taken: {e}"),
+            "nodes built by an older klab have a writable seed disk that QEMU cannot snapshot: `klab up --recreate NODE` rebuilds them",
+        ));
+    }
+    let info = SnapshotInfo {
+        name: name.to_string(),
+        created_at: now_secs(),
+        nodes: plan.nodes.iter().map(|n| n.name.clone()).collect(),
+        paused_seconds: paused_for,
+    };
+    recs.snapshots.push(info.clone());
+    save_records(&state, &recs)?;
+    Ok(info)
+}
+
+pub fn list(env: &Env, lab: &str) -> Vec<SnapshotInfo> {
+    records(&env.paths.state(lab)).snapshots
+}
+
+pub async fn delete(env: &Env, lab: &str, name: &str, connect: Option<&str>) -> Result<(), Error> {
+    check_name(name)?;
+    let state = env.paths.state(lab);
+    let _lock = state.lock()?;
+    let mut recs = records(&state);
+    if !recs.snapshots.iter().any(|s| s.name == name) {
+        return Err(Error::user(
+            format!("lab {lab} has no snapshot `{name}`"),
+            format!("`klab snapshot list {lab}` shows them"),
+        ));
+    }
+    let found = find_lab(env, connect, &state).await?;
+    if let Some(plan) = &found.saved {
+        for n in &plan.nodes {
+            let (d, s) = (n.domain.clone(), name.to_string());
+            env.call(
+                &found.backend,
+                format!("delete snapshot of {d}"),
+                move |b| b.delete_snapshot(&d, &s),
+            )
+            .await?;
+        }
+    }
+    recs.snapshots.retain(|s| s.name != name);
+    save_records(&state, &recs)
+}
+
+/// Puts every node back to snapshot `to` (default [`INITIAL`]), resumes them together, corrects
+/// the clocks and verifies the lab.
+pub async fn reset(
+    env: &Env,
+    lab: &str,
+    to: Option<&str>,
+    connect: Option<&str>,
+    timeouts: &crate::model::Timeouts,
+) -> Result<ResetOutcome, Error> {
+    let name = to.unwrap_or(INITIAL);
+    check_name(name)?;
+    let state = env.paths.state(lab);
+    let _lock = state.lock()?;
+    let recs = records(&state);
+    if !recs.snapshots.iter().any(|s| s.name == name) {
+        let have: Vec<&str> = recs.snapshots.iter().map(|s| s.name.as_str()).collect();
+        return Err(Error::user(
+            format!("lab {lab} has no snapshot `{name}`"),
+            if have.is_empty() {
+                format!("take one with `klab snapshot save {lab}` (or `klab up --snapshot`)")
+            } else {
+                format!("its snapshots: {}", have.join(", "))
+            },
+        ));
+    }
+    let started = Instant::now();
+    let found = find_lab(env, connect, &state).await?;
+    let plan = found.saved.clone().ok_or_else(|| {
+        Error::user(
+            format!("lab {lab} has no saved plan"),
+            "run `klab up` first",
+        )
+    })?;
+    let backend = found.backend.clone();
+    for n in &plan.nodes {
+        let (d, s) = (n.domain.clone(), name.to_string());
+        env.call(&backend, format!("revert {d} to {s}"), move |b| {
+            b.revert_snapshot(&d, &s)
+        })
+        .await
+        .map_err(|e| {
+            Error::user(
+                format!("lab {lab}: node {} cannot go back to `{name}`: {e}", n.name),
+                "`klab up` rebuilds what is broken; `klab snapshot list` shows the snapshots",
+            )
+        })?;
+    }
+    for n in &plan.nodes {
+        let d = n.domain.clone();
+        env.call(&backend, format!("resume {d}"), move |b| {
+            b.resume_domain(&d)
+        })
+        .await?;
+    }
+    // Clocks, then what `up` verifies, over the pinned sessions.
+    let user_key = state.user_private_key()?;
+    let mut clock_behind = BTreeMap::new();
+    for n in &plan.nodes {
+        let host_key = state
+            .read_file(&format!("hostkeys/{}.pub", n.name))
+            .ok()
+            .flatten()
+            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .ok_or_else(|| Error::Internal(format!("no pinned host key for {}", n.name)))?;
+        let target = SshTarget {
+            node: n.name.clone(),
+            addr: SocketAddr::from((n.ssh_address, 22)),
+            user: n.user.clone(),
+            user_private_key: user_key.clone(),
+            host_public_key: host_key,
+        };
+        let session = env.dialer.dial(&target, timeouts.ssh).await.map_err(|e| {
+            Error::user(
+                format!("lab {lab}: {} does not answer after the reset: {e}", n.name),
+                "`klab status` shows the node; `klab up` repairs the lab",
+            )
+        })?;
+        let host_now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let out = session
+            .exec(
+                &format!("g=$(date -u +%s.%N); sudo -n date -u -s @{host_now:.3} >/dev/null && echo \"$g\""),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|e| Error::user(format!("{}: setting the clock: {e}", n.name), "check the node with `klab ssh`"))?;
+        if !out.success() {
+            return Err(Error::user(
+                format!(
+                    "{}: setting the clock failed: {}",
+                    n.name,
+                    out.stderr.trim()
+                ),
+                "the lab user needs passwordless sudo (klab's cloud-init gives it)",
+            ));
+        }
+        if let Ok(guest) = out.stdout.trim().parse::<f64>() {
+            clock_behind.insert(n.name.clone(), host_now - guest);
+        }
+        let probe = session
+            .exec(crate::verify::PROBE_COMMAND, Duration::from_secs(60))
+            .await
+            .map_err(|e| Error::user(format!("{}: {e}", n.name), "`klab up` repairs the lab"))?;
+        let problems = crate::verify::check(n, &crate::verify::parse_probe(&probe.stdout));
+        session.close().await;
+        if !problems.is_empty() {
+            return Err(Error::user(
+                format!(
+                    "lab {lab}: {} is not as planned after the reset:\n  {}",
+                    n.name,
+                    problems.join("\n  ")
+                ),
+                "the snapshot may predate a change of the lab; `klab up` repairs it, or take a new snapshot",
+            ));
+        }
+    }
+    let kubernetes_ready = kubernetes_ready(env, &state, &plan, timeouts).await?;
+    Ok(ResetOutcome {
+        lab: lab.to_string(),
+        snapshot: name.to_string(),
+        seconds: started.elapsed().as_secs_f64(),
+        clock_behind,
+        kubernetes_ready,
+    })
+}
+
+/// For a lab whose cluster klab built: every node Ready again (on the first control plane).
+async fn kubernetes_ready(
+    env: &Env,
+    state: &StateDir,
+    plan: &LabPlan,
+    timeouts: &crate::model::Timeouts,
+) -> Result<Option<bool>, Error> {
+    let Some(k) = &plan.kubernetes else {
+        return Ok(None);
+    };
+    let built = state
+        .load_journal()
+        .ok()
+        .flatten()
+        .and_then(|j| j.nodes.get(&k.init_node).cloned())
+        .is_some_and(|r| {
+            r.phases
+                .get("kubeconfig")
+                .is_some_and(|p| p.status == "done")
+        });
+    if !built {
+        return Ok(None);
+    }
+    let n = plan
+        .node(&k.init_node)
+        .ok_or_else(|| Error::Internal("first control plane missing from the plan".into()))?;
+    let host_key = state
+        .read_file(&format!("hostkeys/{}.pub", n.name))
+        .ok()
+        .flatten()
+        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    let target = SshTarget {
+        node: n.name.clone(),
+        addr: SocketAddr::from((n.ssh_address, 22)),
+        user: n.user.clone(),
+        user_private_key: state.user_private_key()?,
+        host_public_key: host_key,
+    };
+    let session = env
+        .dialer
+        .dial(&target, timeouts.ssh)
+        .await
+        .map_err(|e| Error::user(format!("{}: {e}", n.name), "`klab up` repairs the lab"))?;
+    let secs = timeouts.nodes_ready.as_secs().max(1);
+    let out = session
+        .exec(
+            &crate::provision::runner::as_root(&format!(
+                "kubectl --kubeconfig {} wait --for=condition=Ready node --all --timeout={secs}s >/dev/null",
+                crate::plan::provision::ADMIN_CONF
+            )),
+            Duration::from_secs(secs + 30),
+        )
+        .await
+        .map_err(|e| Error::user(format!("{}: {e}", n.name), "`klab up` repairs the lab"))?;
+    session.close().await;
+    if !out.success() {
+        return Err(Error::user(
+            format!(
+                "lab {}: not every Kubernetes node is Ready after the reset: {}",
+                plan.lab,
+                out.stderr.trim()
+            ),
+            "`klab ssh` to the first control plane and `kubectl get nodes`; `klab provision` reruns the phases",
+        ));
+    }
+    Ok(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_are_plain_words() {
+        assert!(is_snapshot_name("initial") && is_snapshot_name("before-upgrade.2"));
+        assert!(!is_snapshot_name("") && !is_snapshot_name("-x") && !is_snapshot_name("A"));
+        assert!(!is_snapshot_name("a b") && !is_snapshot_name("a/b") && !is_snapshot_name("$(x)"));
+        assert!(!is_snapshot_name(&"a".repeat(41)));
+    }
+
+    #[test]
+    fn the_snapshot_xml_keeps_memory_and_the_overlay_and_skips_the_seed() {
+        let t = Templates::builtin().unwrap();
+        let xml = t.snapshot_xml("demo", "cp1", "initial").unwrap();
+        assert!(xml.contains("<name>initial</name>"));
+        assert!(xml.contains("<memory snapshot='internal'/>"));
+        assert!(xml.contains("<disk name='vda' snapshot='internal'/>"));
+        assert!(xml.contains("<disk name='vdb' snapshot='no'/>"));
+        assert!(xml.contains("klab snapshot of lab demo, node cp1"));
+    }
+}
