@@ -1,5 +1,5 @@
 //! Real snapshot and reset under QEMU/TCG (`cargo test --test it snapshot_ -- --include-ignored`):
-//! `klab up --snapshot`, then a marker file and a broken cluster NIC inside the guest, then
+//! `klab up --snapshot`, then a marker file and a broken second NIC inside the guest, then
 //! `klab reset`: the marker is gone, the address is back, the clock is the host's, and the reset
 //! takes a fraction of the fresh `up` (the ratio is printed: the README's figure).
 
@@ -42,10 +42,10 @@ fn snapshot_reset_puts_the_lab_back_in_seconds() {
     .unwrap();
     assert_eq!(list["snapshots"][0]["name"], "initial", "{list}");
 
-    let lab0 = on("ip -o -4 addr show dev lab0");
-    assert!(lab0.contains(" inet "), "{lab0}");
-    on("echo broken > /home/klab/marker && sudo ip addr flush dev lab0");
-    assert!(!on("ip -o -4 addr show dev lab0").contains(" inet "));
+    let net1 = on("ip -o -4 addr show dev net1");
+    assert!(net1.contains(" inet "), "{net1}");
+    on("echo broken > /home/klab/marker && sudo ip addr flush dev net1");
+    assert!(!on("ip -o -4 addr show dev net1").contains(" inet "));
     // The guest's clock after a revert is the one at the snapshot: let time pass so it shows.
     std::thread::sleep(std::time::Duration::from_secs(20));
 
@@ -63,7 +63,7 @@ fn snapshot_reset_puts_the_lab_back_in_seconds() {
         on("test -e /home/klab/marker && echo there || echo gone").trim(),
         "gone"
     );
-    assert_eq!(on("ip -o -4 addr show dev lab0"), lab0, "lab0 is back");
+    assert_eq!(on("ip -o -4 addr show dev net1"), net1, "net1 is back");
     let guest: f64 = on("date -u +%s.%N").trim().parse().unwrap();
     let host = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
