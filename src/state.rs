@@ -245,6 +245,15 @@ impl StateDir {
         Ok((private, public.trim().to_string()))
     }
 
+    /// `node`'s pinned host key as an OpenSSH public key (`type base64`, no comment); `None` when
+    /// the lab never had that node.
+    pub fn pinned_host_key(&self, node: &str) -> Option<String> {
+        let line =
+            fs::read_to_string(self.dir.join("hostkeys").join(format!("{node}.pub"))).ok()?;
+        let key: Vec<&str> = line.split_whitespace().take(2).collect();
+        (key.len() == 2).then(|| key.join(" "))
+    }
+
     /// The lab user's private key (for SSH).
     pub fn user_private_key(&self) -> Result<String, StateError> {
         let p = self.dir.join("id_ed25519");

@@ -1283,6 +1283,10 @@ exit 1"#
     )
 }
 
+/// Lists the cluster's Node names, one a line: the check a rerun on a built cluster makes, so a
+/// node that left the cluster is named instead of skipped.
+pub const NODE_NAMES: &str = "kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes -o jsonpath='{range .items[*]}{.metadata.name}{\"\\n\"}{end}'";
+
 /// What klab runs when a node leaves the cluster (it left the lab file, or `--recreate` rebuilds
 /// it): on the node itself while it still runs, `kubeadm reset` (a control plane's etcd member goes
 /// with it); then, on the first control plane, drain and delete its Node object, so a rebuilt node

@@ -266,6 +266,18 @@ pub fn lab_timeouts(meta: Option<&crate::state::LabMeta>) -> crate::model::Timeo
         .unwrap_or_default()
 }
 
+/// Where the host's route to a node leaves, checked before SSH — for a hypervisor on this machine
+/// only (a remote one's bridges are not here).
+pub fn route_check(env: &Env, uri: &str, host: &host::HostFs) -> Option<crate::exec::RouteCheck> {
+    if !(env.host_checks && uri.starts_with("qemu:///")) {
+        return None;
+    }
+    let host = host.clone();
+    Some(Arc::new(move |addr, bridge: &str| {
+        host.route_goes_through(addr, bridge)
+    }))
+}
+
 /// Resolve `auto`/`kvm`/`qemu` against what the hypervisor offers.
 pub fn choose_accel(requested: Accel, support: AccelSupport) -> Result<Accel, Error> {
     match requested {

@@ -492,6 +492,9 @@ pub async fn provision(
     let kubeconfig_path = state.path().join(KUBECONFIG_FILE);
     let unreachable = reachability(plan, input.route_check.as_ref());
     if !changed {
+        if input.from.is_none() && input.only.is_none() {
+            check_members(env, plan, &input, &journal).await?;
+        }
         return Ok(Some(ProvisionOutcome {
             changed: false,
             kubernetes_version: k.patch_version.clone().or_else(|| {
@@ -876,14 +879,7 @@ pub async fn provision_lab(env: &Env, req: ProvisionRequest) -> Result<Provision
         .unwrap_or_else(|| crate::reconcile::journal::Journal::new(&req.lab));
     let journal = Arc::new(JournalHandle::new(Some(state.clone()), journal));
     let uri = meta.as_ref().map(|m| m.uri.as_str()).unwrap_or_default();
-    let route_check: Option<RouteCheck> = if env.host_checks && uri.starts_with("qemu:///") {
-        let host = req.host.clone();
-        Some(Arc::new(move |addr, bridge: &str| {
-            host.route_goes_through(addr, bridge)
-        }))
-    } else {
-        None
-    };
+    let route_check = super::route_check(env, uri, &req.host);
     let only: Option<BTreeSet<String>> =
         (!req.only.is_empty()).then(|| req.only.iter().cloned().collect());
     let user_private_key = state.user_private_key().map_err(state_err)?;
@@ -1047,6 +1043,101 @@ fn phase_of(e: &crate::provision::runner::RunError) -> &'static str {
         | R::NoRemote { phase, .. }
         | R::NotUnique { phase, .. } => phase,
     }
+}
+
+/// On a built cluster with nothing to do: every member the journal has joined is still a Node of
+/// the cluster. A node that left (deleted, or reset by hand) is named with the fix, never skipped.
+async fn check_members(
+    env: &Env,
+    plan: &LabPlan,
+    input: &ProvisionInput<'_>,
+    journal: &crate::reconcile::journal::Journal,
+) -> Result<(), Error> {
+    let Some(k) = &plan.kubernetes else {
+        return Ok(());
+    };
+    let joined = |n: &str| {
+        journal.nodes.get(n).is_some_and(|r| {
+            ["kubeadm-init", "join-control-plane", "join-workers"]
+                .iter()
+                .any(|ph| r.phases.get(*ph).is_some_and(|p| p.status == DONE))
+        })
+    };
+    if !joined(&k.init_node) {
+        return Ok(());
+    }
+    let (Some(node), Some(pin)) = (plan.node(&k.init_node), input.host_keys.get(&k.init_node))
+    else {
+        return Ok(());
+    };
+    let target = SshTarget {
+        node: node.name.clone(),
+        addr: SocketAddr::from((node.ssh_address, 22)),
+        user: node.user.clone(),
+        user_private_key: input.user_private_key.to_string(),
+        host_public_key: pin.clone(),
+    };
+    let session = env
+        .dialer
+        .dial(&target, input.timeouts.ssh)
+        .await
+        .map_err(|e| {
+            Error::user(
+                format!("cannot reach {} to check the cluster: {e}", node.name),
+                "`klab status` shows whether it runs",
+            )
+        })?;
+    let out = session
+        .exec(
+            &crate::provision::runner::as_root(crate::plan::provision::NODE_NAMES),
+            Duration::from_secs(60),
+        )
+        .await;
+    session.close().await;
+    let out = out.map_err(|e| {
+        Error::user(
+            format!("{}: the cluster check failed: {e}", node.name),
+            "`klab ssh` to it and `kubectl get nodes`",
+        )
+    })?;
+    if !out.success() {
+        return Err(Error::user(
+            format!(
+                "lab {}: the cluster does not answer on {}: {}",
+                plan.lab,
+                node.name,
+                stderr_tail(&out.stderr)
+            ),
+            format!(
+                "`journalctl -u kubelet` on {}; `klab provision {} --from wait-ready` checks it again",
+                node.name, plan.lab
+            ),
+        ));
+    }
+    let present: BTreeSet<&str> = out.stdout.lines().map(str::trim).collect();
+    let gone: Vec<&String> = k
+        .control_planes
+        .iter()
+        .chain(&k.workers)
+        .filter(|n| joined(n) && !present.contains(n.as_str()))
+        .collect();
+    if gone.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = gone.iter().map(|s| s.as_str()).collect();
+    Err(Error::user(
+        format!(
+            "lab {}: {} joined the cluster but {} no longer in it",
+            plan.lab,
+            names.join(", "),
+            if names.len() == 1 { "is" } else { "are" }
+        ),
+        format!(
+            "run `kubeadm reset -f` on {} (`klab ssh NODE`), then `klab provision {} --from join-workers --node NODE` (--from join-control-plane for a control plane)",
+            names.join(", "),
+            plan.lab
+        ),
+    ))
 }
 
 /// Whether the host reaches the API endpoint: `None` when it does (or cannot be told), else what

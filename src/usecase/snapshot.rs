@@ -333,19 +333,7 @@ pub async fn reset(
     let user_key = state.user_private_key()?;
     let mut clock_behind = BTreeMap::new();
     for n in &plan.nodes {
-        let host_key = state
-            .read_file(&format!("hostkeys/{}.pub", n.name))
-            .ok()
-            .flatten()
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .ok_or_else(|| Error::Internal(format!("no pinned host key for {}", n.name)))?;
-        let target = SshTarget {
-            node: n.name.clone(),
-            addr: SocketAddr::from((n.ssh_address, 22)),
-            user: n.user.clone(),
-            user_private_key: user_key.clone(),
-            host_public_key: host_key,
-        };
+        let target = pinned_target(&state, n, &user_key)?;
         let session = env.dialer.dial(&target, timeouts.ssh).await.map_err(|e| {
             Error::user(
                 format!("lab {lab}: {} does not answer after the reset: {e}", n.name),
@@ -403,6 +391,23 @@ pub async fn reset(
     })
 }
 
+/// SSH to `node` with the lab's key and its pinned host key.
+fn pinned_target(
+    state: &StateDir,
+    node: &crate::plan::NodeSpec,
+    user_key: &str,
+) -> Result<SshTarget, Error> {
+    Ok(SshTarget {
+        node: node.name.clone(),
+        addr: SocketAddr::from((node.ssh_address, 22)),
+        user: node.user.clone(),
+        user_private_key: user_key.to_string(),
+        host_public_key: state.pinned_host_key(&node.name).ok_or_else(|| {
+            Error::Internal(format!("no pinned host key for {} in the state", node.name))
+        })?,
+    })
+}
+
 /// For a lab whose cluster klab built: every node Ready again (on the first control plane).
 async fn kubernetes_ready(
     env: &Env,
@@ -429,19 +434,7 @@ async fn kubernetes_ready(
     let n = plan
         .node(&k.init_node)
         .ok_or_else(|| Error::Internal("first control plane missing from the plan".into()))?;
-    let host_key = state
-        .read_file(&format!("hostkeys/{}.pub", n.name))
-        .ok()
-        .flatten()
-        .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    let target = SshTarget {
-        node: n.name.clone(),
-        addr: SocketAddr::from((n.ssh_address, 22)),
-        user: n.user.clone(),
-        user_private_key: state.user_private_key()?,
-        host_public_key: host_key,
-    };
+    let target = pinned_target(state, n, &state.user_private_key()?)?;
     let session = env
         .dialer
         .dial(&target, timeouts.ssh)

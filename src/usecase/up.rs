@@ -251,14 +251,7 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
         .iter()
         .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
         .collect();
-    let route_check: Option<exec::RouteCheck> = if env.host_checks && uri.starts_with("qemu:///") {
-        let host = req.host.clone();
-        Some(Arc::new(move |addr, bridge: &str| {
-            host.route_goes_through(addr, bridge)
-        }))
-    } else {
-        None
-    };
+    let route_check = super::route_check(env, uri, &req.host);
     let journal = Arc::new(JournalHandle::new(
         Some(state.clone()),
         journal
@@ -384,10 +377,9 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             let mut pins = host_keys.clone();
             for n in &leaving {
                 if !pins.contains_key(n)
-                    && let Ok(Some(line)) = state.read_file(&format!("hostkeys/{n}.pub"))
+                    && let Some(key) = state.pinned_host_key(n)
                 {
-                    let key: Vec<&str> = line.split_whitespace().take(2).collect();
-                    pins.insert(n.clone(), key.join(" "));
+                    pins.insert(n.clone(), key);
                 }
             }
             for note in super::provision::leave_cluster(

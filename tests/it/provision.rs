@@ -296,7 +296,28 @@ fn provision_builds_a_pinned_cluster_resumes_and_adds_a_worker() {
     let flags = on("w2", "sudo cat /var/lib/kubelet/kubeadm-flags.env");
     assert!(flags.contains("--node-ip=10.232.2.12"), "w2: {flags}");
 
-    // 8. Down removes all of it.
+    // 8. Out of the file again: w2 is reset, drained and deleted from the cluster before its VM
+    //    goes; the cluster check of the next rerun finds every remaining member.
+    let shrunk = up_json(lab_path);
+    assert_eq!(shrunk["changed"], true, "{shrunk}");
+    let gone = klab(&[
+        "ssh",
+        &format!("{LAB}/cp1"),
+        "--",
+        "sudo kubectl --kubeconfig /etc/kubernetes/admin.conf get node w2",
+    ]);
+    assert!(!gone.status.success(), "w2 is still a Node of the cluster");
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+    assert!(
+        super::e2e::virsh_names(&["list", "--all", "--name"])
+            .iter()
+            .all(|d| d != "klab-e2ek8s-w2"),
+        "w2's VM is still there"
+    );
+    let again = up_json(lab_path);
+    assert_eq!(again["changed"], false, "{again}");
+
+    // 9. Down removes all of it.
     ok(&["down", LAB]);
     assert!(!st.exists(), "state left behind");
 }

@@ -14,8 +14,7 @@ use klab::exec::{BoxFuture, Dialer, JournalHandle, NodeSession};
 use klab::plan::LabPlan;
 use klab::plan::provision::PhaseId;
 use klab::provision::RemoteError;
-use klab::provision::recording::{RecordingRemote, exit, ok};
-use klab::provision::runner::as_root;
+use klab::provision::recording::exit;
 use klab::provision::ssh::SshTarget;
 use klab::reconcile::journal::{Journal, Step};
 use klab::render::Templates;
@@ -42,10 +41,13 @@ users:
     client-key-data: U0VDUkVUS0VZ
 ";
 
-/// Answers like fresh Debian 12 nodes with containerd 2.x; `kubeadm init` fails while `fail_init`.
+/// Fresh Debian 12 nodes ([`super::provision_plan::fresh_debian_node`]); `kubeadm init` fails while
+/// `fail_init`.
 struct ScriptedDialer {
     plan: LabPlan,
     fail_init: AtomicBool,
+    /// The Node names the cluster lists, when not every node's.
+    node_names: std::sync::Mutex<Option<String>>,
 }
 
 impl Dialer for ScriptedDialer {
@@ -63,46 +65,18 @@ impl Dialer for ScriptedDialer {
                 .position(|n| n.name == target.node)
                 .unwrap();
             let node = &self.plan.nodes[i];
-            let mut r = RecordingRemote::new(&node.name)
-                .on_prefix(
-                    "sudo -n sh -c '. /etc/os-release",
-                    ok(&format!(
-                        "os=debian-12\npkg=apt\nproduct-uuid=uuid-{i}\nmacs={}\n",
-                        node.nics[0].mac
-                    )),
-                )
-                .on_prefix(
-                    "sudo -n sh -c 'v=$(containerd --version",
-                    ok("containerd-major=2\n"),
-                )
-                .on_prefix(
-                    "sudo -n sh -c 'img=$(kubeadm config images list",
-                    ok("sandbox-image=registry.k8s.io/pause:3.10.1\n"),
-                )
-                .on_prefix(
-                    "sudo -n sh -c 'v=$(apt-cache madison",
-                    ok("kubernetes-version=1.36.4\n"),
-                )
-                .on(
-                    "sudo -n sh -c 'cat /etc/kubernetes/admin.conf'",
-                    ok(ADMIN_CONF),
-                );
+            let mut r = super::provision_plan::fresh_debian_node(
+                node,
+                i,
+                &k.provision.phases,
+                ADMIN_CONF,
+                self.node_names.lock().unwrap().as_deref(),
+            );
             if self.fail_init.load(Ordering::SeqCst) {
                 r = r.on_prefix(
                     "sudo -n sh -c 'kubeadm init --config",
                     exit(1, "[preflight] boom\n"),
                 );
-            }
-            // A fresh node: no probe holds.
-            for ph in &k.provision.phases {
-                if let Some(np) = ph.node(&node.name)
-                    && let Some(cmd) = np.probe.as_ref().and_then(|pr| pr.command.as_ref())
-                {
-                    let filled = cmd
-                        .replace("${klab:pkg}", "apt")
-                        .replace("${klab:kubernetes-version}", "1.36.4");
-                    r = r.on(&as_root(&filled), exit(1, ""));
-                }
             }
             Ok(Box::new(r) as Box<dyn NodeSession>)
         })
@@ -145,6 +119,7 @@ async fn a_failed_provisioning_resumes_at_its_phase_and_a_rerun_changes_nothing(
     let dialer = Arc::new(ScriptedDialer {
         plan: plan.clone(),
         fail_init: AtomicBool::new(true),
+        node_names: std::sync::Mutex::new(None),
     });
     let paths = Paths {
         state_root: tmp.path().join("labs"),
@@ -306,8 +281,24 @@ async fn a_failed_provisioning_resumes_at_its_phase_and_a_rerun_changes_nothing(
     assert!(log.contains("kubeadm-init: kubeadm init"), "{log}");
     assert!(log.contains("exit 1 after"), "the failed run is in the log");
 
-    // 3. Again: nothing to do, no node contacted.
+    // 3. Again: nothing to do; only the cluster check on the first control plane.
     let again = run().await.unwrap().unwrap();
     assert!(!again.changed);
     assert!(again.phases.iter().all(|p| p.ran.is_empty()));
+
+    // 4. A node that left the cluster is named with the fix, never skipped.
+    *dialer.node_names.lock().unwrap() = Some("cp1\ncp2\ncp3\nw1\n".into());
+    let err = run().await.expect_err("w2 left");
+    let Error::User { message, hint } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(
+        message.contains("w2 joined the cluster but is no longer in it"),
+        "{message}"
+    );
+    assert!(
+        hint.as_deref()
+            .unwrap()
+            .contains("--from join-workers --node NODE")
+    );
 }

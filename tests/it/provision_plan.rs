@@ -916,8 +916,8 @@ fn control_planes_without_workers_take_pods() {
 async fn runner_builds_the_ha_fixture_in_phase_order() {
     use klab::plan::secret::Secret;
     use klab::provision::Remote;
-    use klab::provision::recording::{Recorded, RecordingRemote, exit, ok};
-    use klab::provision::runner::{Event, NodeOutcome, Runner, Val, Values, as_root};
+    use klab::provision::recording::{Recorded, RecordingRemote};
+    use klab::provision::runner::{Event, NodeOutcome, Runner, Val, Values};
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
@@ -930,41 +930,13 @@ async fn runner_builds_the_ha_fixture_in_phase_order() {
 
     let mut remotes: BTreeMap<String, RecordingRemote> = BTreeMap::new();
     for (i, node) in p.nodes.iter().enumerate() {
-        let mut r = RecordingRemote::new(&node.name)
-            .on_prefix(
-                "sudo -n sh -c '. /etc/os-release",
-                ok(&format!(
-                    "os=debian-12\npkg=apt\nproduct-uuid=uuid-{i}\nmacs={}\n",
-                    node.nics[0].mac
-                )),
-            )
-            .on_prefix(
-                "sudo -n sh -c 'v=$(containerd --version",
-                ok("containerd-major=2\n"),
-            )
-            .on_prefix(
-                "sudo -n sh -c 'img=$(kubeadm config images list",
-                ok("sandbox-image=registry.k8s.io/pause:3.10.1\n"),
-            )
-            .on_prefix(
-                "sudo -n sh -c 'v=$(apt-cache madison",
-                ok("kubernetes-version=1.36.4\n"),
-            )
-            .on(
-                "sudo -n sh -c 'cat /etc/kubernetes/admin.conf'",
-                ok("apiVersion: v1\nkind: Config\n"),
-            );
-        // A fresh node: no probe holds.
-        for ph in &plan.phases {
-            if let Some(np) = ph.node(&node.name)
-                && let Some(cmd) = np.probe.as_ref().and_then(|pr| pr.command.as_ref())
-            {
-                let filled = cmd
-                    .replace("${klab:pkg}", "apt")
-                    .replace("${klab:kubernetes-version}", "1.36.4");
-                r = r.on(&as_root(&filled), exit(1, ""));
-            }
-        }
+        let r = fresh_debian_node(
+            node,
+            i,
+            &plan.phases,
+            "apiVersion: v1\nkind: Config\n",
+            None,
+        );
         remotes.insert(node.name.clone(), r);
     }
     let mut values = Values::default();
@@ -1166,4 +1138,63 @@ fn every_script_is_valid_sh() {
         }
     }
     assert!(checked > 200, "only {checked} scripts");
+}
+
+/// A scripted fresh Debian 12 node with containerd 2.x: it answers the phases' captures (its own
+/// product_uuid and MAC), `admin.conf` with `admin_conf`, the cluster's Node names with `node_names`
+/// (default: every node of `phases`), and no probe of `phases` holds.
+pub(crate) fn fresh_debian_node(
+    node: &klab::plan::NodeSpec,
+    index: usize,
+    phases: &[klab::plan::provision::Phase],
+    admin_conf: &str,
+    node_names: Option<&str>,
+) -> klab::provision::recording::RecordingRemote {
+    use klab::provision::recording::{RecordingRemote, exit, ok};
+    use klab::provision::runner::as_root;
+    let mut r = RecordingRemote::new(&node.name)
+        .on_prefix(
+            "sudo -n sh -c '. /etc/os-release",
+            ok(&format!(
+                "os=debian-12\npkg=apt\nproduct-uuid=uuid-{index}\nmacs={}\n",
+                node.nics[0].mac
+            )),
+        )
+        .on_prefix(
+            "sudo -n sh -c 'v=$(containerd --version",
+            ok("containerd-major=2\n"),
+        )
+        .on_prefix(
+            "sudo -n sh -c 'img=$(kubeadm config images list",
+            ok("sandbox-image=registry.k8s.io/pause:3.10.1\n"),
+        )
+        .on_prefix(
+            "sudo -n sh -c 'v=$(apt-cache madison",
+            ok("kubernetes-version=1.36.4\n"),
+        )
+        .on(
+            "sudo -n sh -c 'cat /etc/kubernetes/admin.conf'",
+            ok(admin_conf),
+        );
+    // The cluster check of a rerun: every node of the phases is a Node.
+    let members: std::collections::BTreeSet<&str> = phases
+        .iter()
+        .flat_map(|ph| ph.nodes.iter().map(|n| n.node.as_str()))
+        .collect();
+    let listing: String = members.iter().map(|n| format!("{n}\n")).collect();
+    r = r.on(
+        &as_root(klab::plan::provision::NODE_NAMES),
+        ok(node_names.unwrap_or(&listing)),
+    );
+    for ph in phases {
+        if let Some(np) = ph.node(&node.name)
+            && let Some(cmd) = np.probe.as_ref().and_then(|pr| pr.command.as_ref())
+        {
+            let filled = cmd
+                .replace("${klab:pkg}", "apt")
+                .replace("${klab:kubernetes-version}", "1.36.4");
+            r = r.on(&as_root(&filled), exit(1, ""));
+        }
+    }
+    r
 }
