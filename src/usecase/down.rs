@@ -33,17 +33,20 @@ pub async fn down(env: &Env, req: DownRequest) -> Result<DownOutcome, Error> {
     if let Ok(out) = &result
         && !out.dry_run
     {
-        // Its networks are gone: the subnets are free for other labs and copies again.
+        // Its networks are gone: the subnets are free for other labs and copies again. The lock
+        // may wait for another klab: off the async runtime.
         let registry = crate::registry::Registry::new(&env.paths.data_root);
-        match registry.lock() {
-            Ok(mut g) => {
-                if g.entries.labs.remove(&req.lab).is_some()
-                    && let Err(e) = g.save()
-                {
-                    env.printer.note(format!("warning: {}", chain(&e)));
-                }
+        let lab = req.lab.clone();
+        let released = super::blocking(move || {
+            let mut g = registry.lock().map_err(|e| Error::Internal(chain(&e)))?;
+            if g.entries.labs.remove(&lab).is_some() {
+                g.save().map_err(|e| Error::Internal(chain(&e)))?;
             }
-            Err(e) => env.printer.note(format!("warning: {}", chain(&e))),
+            Ok(())
+        })
+        .await;
+        if let Err(e) = released {
+            env.printer.note(format!("warning: {e}"));
         }
     }
     if result.is_err() && !had_dir {

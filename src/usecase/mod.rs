@@ -266,6 +266,15 @@ pub fn lab_timeouts(meta: Option<&crate::state::LabMeta>) -> crate::model::Timeo
         .unwrap_or_default()
 }
 
+/// Runs blocking work (file locks that wait, connect timeouts) off the async runtime.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("a blocking task failed: {e}")))?
+}
+
 /// Where the host's route to a node leaves, checked before SSH — for a hypervisor on this machine
 /// only (a remote one's bridges are not here).
 pub fn route_check(env: &Env, uri: &str, host: &host::HostFs) -> Option<crate::exec::RouteCheck> {

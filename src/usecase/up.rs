@@ -82,7 +82,17 @@ fn hex(bytes: &[u8]) -> String {
 
 pub async fn up(env: &Env, mut req: UpRequest) -> Result<UpOutcome, Error> {
     if let Some(copy) = req.copy.clone() {
-        req.lab = derive_copy(env, &req, &copy)?;
+        // The registry's lock may wait for another klab: off the async runtime.
+        let (data_root, checks) = (env.paths.data_root.clone(), env.host_checks);
+        let (lab, pool, host, dry) = (
+            req.lab.clone(),
+            req.subnet_pool,
+            req.host.clone(),
+            req.dry_run,
+        );
+        req.lab =
+            super::blocking(move || derive_copy(&data_root, checks, &lab, pool, &host, &copy, dry))
+                .await?;
     }
     let state = env.paths.state(&req.lab.name);
     let _lock = if req.dry_run {
@@ -162,7 +172,9 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             .filter(|(ok, _)| !ok)
             .map(|(_, m)| m)
             .collect();
-        if let Some(Err(m)) = req.host.vip_answers(&plan) {
+        // Probes with a connect timeout: off the async runtime.
+        let (host, probe_plan) = (req.host.clone(), plan.clone());
+        if let Some(Err(m)) = super::blocking(move || Ok(host.vip_answers(&probe_plan))).await? {
             vip_problems.push(m);
         }
         if !vip_problems.is_empty() {
@@ -187,7 +199,8 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
             })?;
     }
     if !req.dry_run {
-        claim_subnets(env, lab)?;
+        let (data_root, claimed) = (env.paths.data_root.clone(), lab.clone());
+        super::blocking(move || claim_subnets(&data_root, &claimed)).await?;
     }
     // A saved plan or journal this klab cannot read only costs the change check, never the lab:
     // without a journal every running node is waited for and verified again.
@@ -260,181 +273,165 @@ async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, 
     ));
     let user_private_key = state.user_private_key()?;
 
-    if todo.is_noop() {
+    let (vms_changed, reports) = if todo.is_noop() {
         state.save_plan(&plan)?;
         write_access_files(state, &plan, &keys)?;
-        let kubernetes = provision(
-            env,
-            req,
-            state,
-            &plan,
-            &journal,
-            &user_private_key,
-            &host_keys,
-            route_check,
-        )
-        .await?;
-        let changed = kubernetes.as_ref().is_some_and(|k| k.changed);
-        return Ok(UpOutcome::Done {
-            plan: Box::new(plan),
-            accel,
-            changed,
-            reports: Vec::new(),
-            drift: todo.drift,
-            kubernetes,
-        });
-    }
-
-    // Base images for the nodes we create: fetched/verified before anything is created.
-    let creating: BTreeSet<&str> = todo
-        .actions
-        .iter()
-        .filter_map(|a| match a {
-            reconcile::Action::CreateNode { node } => Some(node.as_str()),
-            _ => None,
-        })
-        .collect();
-    let needed: BTreeSet<&str> = plan
-        .nodes
-        .iter()
-        .filter(|n| creating.contains(n.name.as_str()))
-        .map(|n| n.image.as_str())
-        .collect();
-    for img in plan
-        .images
-        .iter()
-        .filter(|i| needed.contains(i.key.as_str()))
-    {
-        let spec = img.clone();
-        let images = Arc::clone(&env.images);
-        let quiet = p.is_json();
-        tokio::task::spawn_blocking(move || images.ensure(&spec, quiet))
-            .await
-            .map_err(|e| Error::Internal(e.to_string()))?
-            .map_err(|e| {
-                Error::user(
-                    e,
-                    "run `klab image build debian-12` for an offline image, or set `path = …` in [images.<name>]",
-                )
-            })?;
-    }
-    let console_dir = env.paths.console_dir();
-    std::fs::create_dir_all(&console_dir)
-        .map_err(|e| Error::Internal(format!("cannot create {}: {e}", console_dir.display())))?;
-
-    state.save_plan(&plan)?;
-    let ctx = UpContext {
-        backend: Arc::clone(&backend),
-        plan: Arc::new(plan.clone()),
-        rendered: Arc::new(rendered),
-        user_private_key: Arc::new(user_private_key.clone()),
-        host_keys: Arc::new(host_keys.clone()),
-        timeouts: lab.timeouts.clone(),
-        printer: p.clone(),
-        jobs: req.jobs,
-        dialer: Arc::clone(&env.dialer),
-        journal: Arc::clone(&journal),
-        seed_hashes: Arc::new(hashes),
-        route_check: route_check.clone(),
-        call_timeout: env.call_timeout,
-        // The console log is a file on this host only for a local hypervisor.
-        follow_console: env.host_checks && uri.starts_with("qemu:///"),
-    };
-    write_access_files(state, &plan, &keys)?;
-    // Kubernetes nodes whose VM goes (left the file, --recreate, or deleted by hand) leave the
-    // cluster first.
-    if req.kubernetes
-        && plan.kubernetes.is_some()
-        && let Some(prev) = &previous
-    {
-        let joined = journal.snapshot();
-        let leaving: Vec<String> = todo
+        (false, Vec::new())
+    } else {
+        // Base images for the nodes we create: fetched/verified before anything is created.
+        let creating: BTreeSet<&str> = todo
             .actions
             .iter()
             .filter_map(|a| match a {
-                reconcile::Action::RemoveDomain { domain, .. } => prev
-                    .nodes
-                    .iter()
-                    .find(|n| &n.domain == domain)
-                    .map(|n| n.name.clone()),
-                // A member whose VM vanished comes back from a clean disk under the same name: its
-                // old Node object must go first, or its join is refused.
-                reconcile::Action::CreateNode { node } => Some(node.clone()),
+                reconcile::Action::CreateNode { node } => Some(node.as_str()),
                 _ => None,
             })
-            .collect::<BTreeSet<String>>()
-            .into_iter()
-            .filter(|n| {
-                joined.nodes.get(n).is_some_and(|r| {
-                    ["kubeadm-init", "join-workers", "join-control-plane"]
-                        .iter()
-                        .any(|ph| r.phases.get(*ph).is_some_and(|p| p.status == "done"))
-                })
-            })
             .collect();
-        if !leaving.is_empty() {
-            // A node that left the file still has its pinned key in the state directory.
-            let mut pins = host_keys.clone();
-            for n in &leaving {
-                if !pins.contains_key(n)
-                    && let Some(key) = state.pinned_host_key(n)
+        let needed: BTreeSet<&str> = plan
+            .nodes
+            .iter()
+            .filter(|n| creating.contains(n.name.as_str()))
+            .map(|n| n.image.as_str())
+            .collect();
+        for img in plan
+            .images
+            .iter()
+            .filter(|i| needed.contains(i.key.as_str()))
+        {
+            let spec = img.clone();
+            let images = Arc::clone(&env.images);
+            let quiet = p.is_json();
+            tokio::task::spawn_blocking(move || images.ensure(&spec, quiet))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))?
+                .map_err(|e| {
+                    Error::user(
+                        e,
+                        "run `klab image build debian-12` for an offline image, or set `path = …` in [images.<name>]",
+                    )
+                })?;
+        }
+        let console_dir = env.paths.console_dir();
+        std::fs::create_dir_all(&console_dir).map_err(|e| {
+            Error::Internal(format!("cannot create {}: {e}", console_dir.display()))
+        })?;
+
+        state.save_plan(&plan)?;
+        let ctx = UpContext {
+            backend: Arc::clone(&backend),
+            plan: Arc::new(plan.clone()),
+            rendered: Arc::new(rendered),
+            user_private_key: Arc::new(user_private_key.clone()),
+            host_keys: Arc::new(host_keys.clone()),
+            timeouts: lab.timeouts.clone(),
+            printer: p.clone(),
+            jobs: req.jobs,
+            dialer: Arc::clone(&env.dialer),
+            journal: Arc::clone(&journal),
+            seed_hashes: Arc::new(hashes),
+            route_check: route_check.clone(),
+            call_timeout: env.call_timeout,
+            // The console log is a file on this host only for a local hypervisor.
+            follow_console: env.host_checks && uri.starts_with("qemu:///"),
+        };
+        write_access_files(state, &plan, &keys)?;
+        // Kubernetes nodes whose VM goes (left the file, --recreate, or deleted by hand) leave the
+        // cluster first.
+        if req.kubernetes
+            && plan.kubernetes.is_some()
+            && let Some(prev) = &previous
+        {
+            let joined = journal.snapshot();
+            let leaving: Vec<String> = todo
+                .actions
+                .iter()
+                .filter_map(|a| match a {
+                    reconcile::Action::RemoveDomain { domain, .. } => prev
+                        .nodes
+                        .iter()
+                        .find(|n| &n.domain == domain)
+                        .map(|n| n.name.clone()),
+                    // A member whose VM vanished comes back from a clean disk under the same name: its
+                    // old Node object must go first, or its join is refused.
+                    reconcile::Action::CreateNode { node } => Some(node.clone()),
+                    _ => None,
+                })
+                .collect::<BTreeSet<String>>()
+                .into_iter()
+                .filter(|n| {
+                    joined.nodes.get(n).is_some_and(|r| {
+                        ["kubeadm-init", "join-workers", "join-control-plane"]
+                            .iter()
+                            .any(|ph| r.phases.get(*ph).is_some_and(|p| p.status == "done"))
+                    })
+                })
+                .collect();
+            if !leaving.is_empty() {
+                // A node that left the file still has its pinned key in the state directory.
+                let mut pins = host_keys.clone();
+                for n in &leaving {
+                    if !pins.contains_key(n)
+                        && let Some(key) = state.pinned_host_key(n)
+                    {
+                        pins.insert(n.clone(), key);
+                    }
+                }
+                for note in super::provision::leave_cluster(
+                    env,
+                    prev,
+                    &plan,
+                    &leaving,
+                    &user_private_key,
+                    &pins,
+                    &lab.timeouts,
+                )
+                .await?
                 {
-                    pins.insert(n.clone(), key);
+                    p.note(format!("warning: {note}"));
                 }
             }
-            for note in super::provision::leave_cluster(
-                env,
-                prev,
-                &plan,
-                &leaving,
-                &user_private_key,
-                &pins,
-                &lab.timeouts,
-            )
-            .await?
-            {
-                p.note(format!("warning: {note}"));
+        }
+        // A node created now starts from a clean disk: none of its provisioning is in place.
+        for a in &todo.actions {
+            if let reconcile::Action::CreateNode { node } = a {
+                journal
+                    .update(|j| j.forget(node))
+                    .map_err(|e| Error::Internal(chain(&e)))?;
             }
         }
-    }
-    // A node created now starts from a clean disk: none of its provisioning is in place.
-    for a in &todo.actions {
-        if let reconcile::Action::CreateNode { node } = a {
-            journal
-                .update(|j| j.forget(node))
-                .map_err(|e| Error::Internal(chain(&e)))?;
-        }
-    }
-    match exec::apply_up(&ctx, &todo.actions).await {
-        Ok(reports) => {
-            let kubernetes = provision(
-                env,
-                req,
-                state,
-                &plan,
-                &journal,
-                &user_private_key,
-                &host_keys,
-                route_check,
+        let reports = exec::apply_up(&ctx, &todo.actions).await.map_err(|e| {
+            Error::user(
+                format!("lab {} is not up:\n{}", plan.lab, chain(&e)),
+                format!(
+                    "fix the cause and run `klab up` again (it continues where it stopped), or remove the lab with `klab down {}`",
+                    plan.lab
+                ),
             )
-            .await?;
-            Ok(UpOutcome::Done {
-                plan: Box::new(plan),
-                accel,
-                changed: true,
-                reports,
-                drift: todo.drift,
-                kubernetes,
-            })
-        }
-        Err(e) => Err(Error::user(
-            format!("lab {} is not up:\n{}", plan.lab, chain(&e)),
-            format!(
-                "fix the cause and run `klab up` again (it continues where it stopped), or remove the lab with `klab down {}`",
-                plan.lab
-            ),
-        )),
-    }
+        })?;
+        (true, reports)
+    };
+    // The cluster, once every node is verified; also on a rerun that changed no VM (a killed
+    // provisioning resumes).
+    let kubernetes = provision(
+        env,
+        req,
+        state,
+        &plan,
+        &journal,
+        &user_private_key,
+        &host_keys,
+        route_check,
+    )
+    .await?;
+    let changed = vms_changed || kubernetes.as_ref().is_some_and(|k| k.changed);
+    Ok(UpOutcome::Done {
+        plan: Box::new(plan),
+        accel,
+        changed,
+        reports,
+        drift: todo.drift,
+        kubernetes,
+    })
 }
 
 fn registry_err(e: crate::registry::RegistryError) -> Error {
@@ -444,43 +441,47 @@ fn registry_err(e: crate::registry::RegistryError) -> Error {
     )
 }
 
-/// `req.lab` as copy `copy`: its subnets from the registry when it has them (stable), else new
+/// `base` as copy `copy`: its subnets from the registry when it has them (stable), else new
 /// ones from the pool clear of every other lab's, the host's routes and the lab's pod/service
 /// ranges; claimed at once, so copies brought up together never pick the same subnet.
-fn derive_copy(env: &Env, req: &UpRequest, copy: &str) -> Result<Lab, Error> {
-    let pool = req
-        .subnet_pool
-        .or(req.lab.host.subnet_pool)
-        .unwrap_or_else(|| {
-            crate::copies::DEFAULT_POOL
-                .parse()
-                .expect("the default pool is a CIDR")
-        });
-    let name = crate::copies::copy_lab_name(&req.lab.name, copy);
-    let registry = crate::registry::Registry::new(&env.paths.data_root);
+fn derive_copy(
+    data_root: &std::path::Path,
+    host_checks: bool,
+    base: &Lab,
+    subnet_pool: Option<ipnetwork::Ipv4Network>,
+    host: &HostFs,
+    copy: &str,
+    dry_run: bool,
+) -> Result<Lab, Error> {
+    let pool = subnet_pool.or(base.host.subnet_pool).unwrap_or_else(|| {
+        crate::copies::DEFAULT_POOL
+            .parse()
+            .expect("the default pool is a CIDR")
+    });
+    let name = crate::copies::copy_lab_name(&base.name, copy);
+    let registry = crate::registry::Registry::new(data_root);
     let mut g = registry.lock().map_err(registry_err)?;
     let previous = g.entries.labs.get(&name).map(|e| e.networks.clone());
     let mut taken = g.entries.taken_by_others(&name);
-    if env.host_checks {
+    if host_checks {
         taken.extend(
-            req.host
-                .routes()
+            host.routes()
                 .into_iter()
                 .filter(|r| r.net.prefix() > 0)
                 .map(|r| r.net)
                 .filter(|n| !previous.iter().flatten().any(|(_, p)| p == n)),
         );
     }
-    let lab = crate::copies::derive(&req.lab, copy, pool, &taken, previous.as_deref())
+    let lab = crate::copies::derive(base, copy, pool, &taken, previous.as_deref())
         .map_err(|e| Error::user(e.to_string(), e.hint()))?;
-    if req.dry_run {
+    if dry_run {
         return Ok(lab);
     }
     g.entries.labs.insert(
         lab.name.clone(),
         crate::registry::Entry {
             networks: crate::copies::subnets(&lab),
-            copy_of: Some(req.lab.name.clone()),
+            copy_of: Some(base.name.clone()),
             copy: Some(copy.to_string()),
         },
     );
@@ -489,8 +490,8 @@ fn derive_copy(env: &Env, req: &UpRequest, copy: &str) -> Result<Lab, Error> {
 }
 
 /// Records the lab's subnets host-wide, refusing (with both names) one another lab uses.
-fn claim_subnets(env: &Env, lab: &Lab) -> Result<(), Error> {
-    let registry = crate::registry::Registry::new(&env.paths.data_root);
+fn claim_subnets(data_root: &std::path::Path, lab: &Lab) -> Result<(), Error> {
+    let registry = crate::registry::Registry::new(data_root);
     let mut g = registry.lock().map_err(registry_err)?;
     let mine = crate::copies::subnets(lab);
     let conflicts = g.entries.conflicts(&lab.name, &mine);
