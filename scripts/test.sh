@@ -23,5 +23,24 @@ echo "== test guest image (klab image build debian-12 --with-containerd)"
 echo "== tests"
 cargo test --locked --all-targets -- --test-threads=2
 # The ignored ones boot real guests under TCG: one at a time, so two labs never share the 2 cores.
+# Guests left running by an aborted earlier run would share them too (and a TCG guest is slow
+# enough alone): the test labs are the tests' own names, so they are removed first; anything else
+# running is shown, never touched.
+echo "== host before the real tests"
+KLAB=./target/debug/klab
+for lab in e2e e2eha e2ek8s crash; do "$KLAB" down "$lab" >/dev/null; done
+"$KLAB" down e2ecp --all-copies >/dev/null
+show_host() {
+  echo "load: $(cut -d' ' -f1-3 /proc/loadavg), qemu processes: $(pgrep -c -f qemu-system || true)"
+  virsh -c qemu:///system list --all || true
+}
+show_host
+# A loaded host can take minutes for one libvirt call (defines under libvirtd's QEMU re-probes
+# were seen at 50-270 s): the real tests give each call 15 min instead of the default 5.
+export KLAB_LIBVIRT_TIMEOUT="${KLAB_LIBVIRT_TIMEOUT:-900}"
 echo "== tests marked #[ignore = \"needs …\"] (real QEMU guests, qemu:///system, the real image build)"
-cargo test --locked --all-targets -- --ignored --test-threads=1
+if ! cargo test --locked --all-targets -- --ignored --test-threads=1; then
+  echo "== host after the failed real tests"
+  show_host
+  exit 1
+fi

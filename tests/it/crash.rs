@@ -38,8 +38,8 @@ name = "vm1"
 nics = [ { network = "net1", ip = "10.232.1.11" }, { network = "net2" } ]
 
 [timeouts]
-ssh = "5m"
-cloud-init = "6m"
+ssh = "12m"
+cloud-init = "12m"
 command = "2m"
 nodes-ready = "2m"
 "#;
