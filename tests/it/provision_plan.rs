@@ -1198,3 +1198,526 @@ pub(crate) fn fresh_debian_node(
     }
     r
 }
+
+// ---------------------------------------------------------------------------------------------
+// keepalived on every HA lab in labs/, and control planes added or removed. Expected values come
+// from the lab's TOML text (VIP, cluster network) and the plan's nodes (addresses, NIC names), not
+// from the code that fills the templates.
+
+/// Every `labs/*.toml` as (file stem, raw TOML, parsed lab): the folder iterated, never listed.
+fn lab_files() -> Vec<(String, toml::Table, klab::model::Lab)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("labs");
+    let mut paths: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)
+        .expect("labs/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let stem = path
+                .file_stem()
+                .expect("stem")
+                .to_string_lossy()
+                .into_owned();
+            let src = std::fs::read_to_string(&path).expect("read lab");
+            let raw: toml::Table = src.parse().expect("TOML");
+            let lab = klab::config::parse_str(&src, &format!("labs/{stem}.toml"))
+                .unwrap_or_else(|d| panic!("labs/{stem}.toml: {d:?}"));
+            (stem, raw, lab)
+        })
+        .collect()
+}
+
+/// `kubernetes.<key>` of a lab file, as written.
+fn raw_kubernetes<'a>(raw: &'a toml::Table, key: &str) -> Option<&'a str> {
+    raw.get("kubernetes")?.get(key)?.as_str()
+}
+
+/// The plan's control planes (by role, in plan order) with their cluster NIC (ifname, address).
+fn control_planes(p: &LabPlan, cluster: &str) -> Vec<(String, String, std::net::Ipv4Addr)> {
+    p.nodes
+        .iter()
+        .filter(|n| n.role == klab::model::Role::ControlPlane)
+        .map(|n| {
+            let nic = n
+                .nics
+                .iter()
+                .find(|nic| nic.network == cluster)
+                .unwrap_or_else(|| panic!("{} has no NIC on {cluster}", n.name));
+            (n.name.clone(), nic.ifname.clone(), nic.ip)
+        })
+        .collect()
+}
+
+/// Trimmed values of every `key value` line.
+fn settings<'a>(text: &'a str, key: &str) -> Vec<&'a str> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix(key)?.strip_prefix(' '))
+        .map(str::trim)
+        .collect()
+}
+
+/// Trimmed lines of the `name {` … `}` block (the first one; blocks here do not nest).
+fn block<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+    let open = format!("{name} {{");
+    let mut lines = text.lines().map(str::trim);
+    assert!(lines.any(|l| l == open), "no `{open}` block in:\n{text}");
+    lines.take_while(|l| *l != "}").collect()
+}
+
+/// The unicast peers of a keepalived.conf, sorted.
+fn peers(conf: &str) -> Vec<String> {
+    let mut v: Vec<String> = block(conf, "unicast_peer")
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn provision_file<'a>(
+    r: &'a render::RenderedLab,
+    node: &str,
+    path: &str,
+) -> &'a render::ProvisionFile {
+    r.provision
+        .iter()
+        .find(|f| f.node == node && f.path == path)
+        .unwrap_or_else(|| panic!("{node}: no rendered {path}"))
+}
+
+fn vip_files<'a>(r: &'a render::RenderedLab, node: &str) -> Vec<(&'a str, &'a str)> {
+    r.provision
+        .iter()
+        .filter(|f| f.node == node && f.phase == PhaseId::Vip.as_str())
+        .map(|f| (f.path.as_str(), f.content.as_str()))
+        .collect()
+}
+
+/// Every node-ip and advertiseAddress written in the lab's kubeadm files.
+fn kubeadm_addresses(name: &str, files: &[(String, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (rel, text) in files.iter().filter(|(rel, _)| {
+        rel.ends_with("/etc/klab/kubeadm/init.yaml") || rel.ends_with("/etc/klab/kubeadm/join.yaml")
+    }) {
+        for d in round_trip(&format!("{name}: {rel}"), text) {
+            let (reg, ep) = match &d {
+                Doc::Init(i) => (i.node_registration.as_ref(), i.local_api_endpoint.as_ref()),
+                Doc::Join(j) => (
+                    j.node_registration.as_ref(),
+                    j.control_plane
+                        .as_ref()
+                        .and_then(|c| c.local_api_endpoint.as_ref()),
+                ),
+                _ => continue,
+            };
+            out.extend(
+                reg.into_iter()
+                    .flat_map(node_arg)
+                    .filter(|(k, _)| *k == "node-ip")
+                    .map(|(_, v)| v.to_string()),
+            );
+            out.extend(ep.and_then(|e| e.advertise_address.clone()));
+        }
+    }
+    out
+}
+
+const VRRP_PASSWORD_MARKER: &str = "${klab:vrrp-password}";
+
+/// The asserts of one HA lab's keepalived files; returns the lab's virtual_router_id.
+fn check_ha_lab(name: &str, raw: &toml::Table, p: &LabPlan, r: &render::RenderedLab) -> u32 {
+    let files = r.files();
+    let vip: std::net::Ipv4Addr = raw_kubernetes(raw, "control-plane-vip")
+        .unwrap_or_else(|| panic!("{name}: an HA lab without control-plane-vip"))
+        .parse()
+        .expect("VIP");
+    let cluster = raw_kubernetes(raw, "cluster-network").expect("cluster-network");
+    let cps = control_planes(p, cluster);
+    assert!(cps.len() > 1, "{name}");
+    let k = p.kubernetes.as_ref().expect("kubernetes");
+
+    // The vip phase: every control plane, nothing else, before kubeadm init; files re-checked.
+    let ids: Vec<PhaseId> = k.provision.phases.iter().map(|ph| ph.id).collect();
+    let at = |id| ids.iter().position(|i| *i == id).expect("phase");
+    assert!(
+        at(PhaseId::Vip) < at(PhaseId::KubeadmInit),
+        "{name}: VIP before init"
+    );
+    let phase = k.provision.phase(PhaseId::Vip).expect("vip phase");
+    let on: Vec<&str> = phase.nodes.iter().map(|n| n.node.as_str()).collect();
+    let want: Vec<&str> = cps.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(on, want, "{name}: vip phase nodes");
+    for np in &phase.nodes {
+        assert!(
+            np.probe.as_ref().is_some_and(|pr| pr.files_match),
+            "{name}: {} vip probe must compare files",
+            np.node
+        );
+    }
+
+    let mut router_ids = Vec::new();
+    let mut priorities = Vec::new();
+    for (node, ifname, ip) in &cps {
+        let what = format!("{name}: {node}");
+        let conf_file = provision_file(r, node, klab::plan::provision::KEEPALIVED_CONF);
+        assert_eq!(conf_file.mode, 0o600, "{what}: it holds the VRRP password");
+        let conf = conf_file.content.as_str();
+        assert_eq!(
+            conf,
+            file(
+                &files,
+                &format!("nodes/{node}/provision/etc/keepalived/keepalived.conf")
+            ),
+            "{what}"
+        );
+        assert_eq!(settings(conf, "interface"), [ifname.as_str()], "{what}");
+        assert_eq!(settings(conf, "unicast_src_ip"), [ip.to_string()], "{what}");
+        let mut others: Vec<String> = cps
+            .iter()
+            .filter(|(n, _, _)| n != node)
+            .map(|(_, _, a)| a.to_string())
+            .collect();
+        others.sort();
+        assert_eq!(peers(conf), others, "{what}: unicast peers");
+        assert_eq!(
+            block(conf, "virtual_ipaddress"),
+            [format!("{vip}/32 dev {ifname}")],
+            "{what}"
+        );
+        assert_eq!(
+            block(conf, "authentication"),
+            [
+                "auth_type PASS",
+                &format!("auth_pass {VRRP_PASSWORD_MARKER}")
+            ],
+            "{what}: the password stays a marker"
+        );
+        assert_eq!(
+            klab::plan::provision::refs(conf),
+            ["vrrp-password"],
+            "{what}: no other run-time value"
+        );
+        assert!(
+            !conf.contains("vrrp_mcast") && !conf.contains("mcast_src_ip"),
+            "{what}"
+        );
+        let [id] = settings(conf, "virtual_router_id")[..] else {
+            panic!("{what}: one virtual_router_id");
+        };
+        let id: u32 = id.parse().expect("router id");
+        assert!((1..=255).contains(&id), "{what}: router id {id}");
+        router_ids.push(id);
+        let [prio] = settings(conf, "priority")[..] else {
+            panic!("{what}: one priority");
+        };
+        priorities.push(prio.parse::<u32>().expect("priority"));
+        assert_eq!(block(conf, "track_script"), ["check_apiserver"], "{what}");
+        let script = block(conf, "vrrp_script check_apiserver");
+        let path = klab::plan::provision::CHECK_APISERVER;
+        assert!(
+            script.contains(&format!("script \"{path}\"").as_str()),
+            "{what}"
+        );
+
+        let check = provision_file(r, node, path);
+        assert_eq!(check.mode, 0o755, "{what}");
+        assert!(check.content.starts_with("#!/bin/sh\n"), "{what}");
+        assert!(
+            check
+                .content
+                .lines()
+                .any(|l| l.contains("curl ") && l.contains("https://127.0.0.1:6443/readyz")),
+            "{what}: the check curls the local apiserver:\n{}",
+            check.content
+        );
+        // The vip phase writes exactly these two files.
+        let mut paths: Vec<&str> = vip_files(r, node).into_iter().map(|(p, _)| p).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [path, klab::plan::provision::KEEPALIVED_CONF],
+            "{what}"
+        );
+    }
+    assert!(
+        router_ids.windows(2).all(|w| w[0] == w[1]),
+        "{name}: {router_ids:?}"
+    );
+    // The first control plane (kubeadm init's) holds the VIP first; no two share a priority.
+    assert_eq!(cps[0].0, k.init_node, "{name}");
+    let mut sorted = priorities.clone();
+    sorted.sort_unstable_by(|a, b| b.cmp(a));
+    sorted.dedup();
+    assert_eq!(sorted, priorities, "{name}: strictly decreasing priorities");
+
+    // The VIP: on the cluster network, never a node's address, node-ip or advertiseAddress.
+    let net = p.network(cluster).expect("cluster network");
+    assert_eq!(
+        u32::from(vip) & u32::from(net.netmask),
+        u32::from(net.address),
+        "{name}: VIP on the cluster network"
+    );
+    for n in &p.nodes {
+        assert!(
+            n.nics.iter().all(|nic| nic.ip != vip),
+            "{name}: {} has the VIP",
+            n.name
+        );
+        assert_ne!(n.cluster_ip, vip, "{name}: {}", n.name);
+    }
+    let addrs = kubeadm_addresses(name, &files);
+    assert!(addrs.len() >= p.nodes.len(), "{name}: {addrs:?}");
+    assert!(
+        !addrs.contains(&vip.to_string()),
+        "{name}: the VIP in {addrs:?}"
+    );
+    assert_eq!(k.control_plane_endpoint, format!("{vip}:6443"), "{name}");
+    // Calico takes the kubelet's InternalIP (the node-ip), so it can never pick the VIP.
+    assert_eq!(k.calico_autodetect, "kubernetes-internal-ip", "{name}");
+    let env = file(
+        &files,
+        &format!(
+            "nodes/{}/provision/etc/klab/calico/calico-node-env.yaml",
+            k.init_node
+        ),
+    );
+    assert!(
+        env.contains(
+            "- name: IP_AUTODETECTION_METHOD\n              value: \"kubernetes-internal-ip\"\n"
+        ),
+        "{name}:\n{env}"
+    );
+    router_ids[0]
+}
+
+#[test]
+fn keepalived_on_every_control_plane_of_every_ha_lab() {
+    let mut ids: Vec<(String, u32)> = Vec::new();
+    for (name, raw, lab) in lab_files() {
+        let cps = lab
+            .nodes
+            .iter()
+            .filter(|n| n.role == klab::model::Role::ControlPlane)
+            .count();
+        if lab.kubernetes.is_none() || cps < 2 {
+            continue;
+        }
+        let (p, r) = render_with_test_keys(&lab);
+        let id = check_ha_lab(&name, &raw, &p, &r);
+        ids.push((name, id));
+    }
+    assert!(ids.len() >= 2, "HA labs in labs/: {ids:?}");
+    let mut distinct: Vec<u32> = ids.iter().map(|(_, id)| *id).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        ids.len(),
+        "two HA labs share a router id: {ids:?}"
+    );
+}
+
+/// labs/e2e-ha.toml with its control-plane entry's `count` set (the TOML edited, then validated).
+fn e2e_ha_with(count: i64) -> (toml::Table, klab::model::Lab) {
+    let (_, mut raw, _) = lab_files()
+        .into_iter()
+        .find(|(n, _, _)| n == "e2e-ha")
+        .expect("labs/e2e-ha.toml");
+    let nodes = raw
+        .get_mut("nodes")
+        .and_then(|n| n.as_array_mut())
+        .expect("[[nodes]]");
+    let cp = nodes
+        .iter_mut()
+        .find(|n| n.get("role").and_then(|r| r.as_str()) == Some("control-plane"))
+        .and_then(|n| n.as_table_mut())
+        .expect("control-plane entry");
+    cp.insert("count".into(), toml::Value::Integer(count));
+    let src = toml::to_string(&raw).expect("TOML");
+    let lab = klab::config::parse_str(&src, "labs/e2e-ha.toml")
+        .unwrap_or_else(|d| panic!("e2e-ha with count {count}: {d:?}"));
+    (raw, lab)
+}
+
+#[test]
+fn adding_and_removing_a_control_plane_updates_every_peer_list() {
+    let (raw3, lab3) = e2e_ha_with(3);
+    let (raw4, lab4) = e2e_ha_with(4);
+    let (raw2, lab2) = e2e_ha_with(2);
+    let (p3, r3) = render_with_test_keys(&lab3);
+    let (p4, r4) = render_with_test_keys(&lab4);
+    let (p2, r2) = render_with_test_keys(&lab2);
+    // Each size is a valid HA lab on its own.
+    let id3 = check_ha_lab("e2e-ha×3", &raw3, &p3, &r3);
+    assert_eq!(
+        check_ha_lab("e2e-ha×4", &raw4, &p4, &r4),
+        id3,
+        "router id kept"
+    );
+    assert_eq!(
+        check_ha_lab("e2e-ha×2", &raw2, &p2, &r2),
+        id3,
+        "router id kept"
+    );
+
+    let cluster = raw_kubernetes(&raw3, "cluster-network").expect("cluster-network");
+    let vip = raw_kubernetes(&raw3, "control-plane-vip").expect("VIP");
+    let cps3 = control_planes(&p3, cluster);
+    let cps4 = control_planes(&p4, cluster);
+    assert_eq!(cps3.len(), 3);
+    assert_eq!(cps4.len(), 4);
+    assert_eq!(
+        cps4[..3],
+        cps3[..],
+        "the old control planes keep names and addresses"
+    );
+    let (new, _, new_ip) = &cps4[3];
+
+    // Every keepalived of the 4-node plan lists the three others.
+    for (node, _, ip) in &cps4 {
+        let conf = &provision_file(&r4, node, klab::plan::provision::KEEPALIVED_CONF).content;
+        let p = peers(conf);
+        assert_eq!(p.len(), 3, "{node}: {p:?}");
+        assert!(!p.contains(&ip.to_string()), "{node} is not its own peer");
+    }
+    // The old control planes' vip files change (so files_match re-renders them), and only by the
+    // new peer: router id, priority and VIP stay, the holder keeps the VIP across the reload.
+    for (node, _, _) in &cps3 {
+        let before = vip_files(&r3, node);
+        let after = vip_files(&r4, node);
+        assert_ne!(
+            before, after,
+            "{node}: vip files must differ after adding {new}"
+        );
+        let conf3 = &provision_file(&r3, node, klab::plan::provision::KEEPALIVED_CONF).content;
+        let conf4 = &provision_file(&r4, node, klab::plan::provision::KEEPALIVED_CONF).content;
+        assert!(peers(conf4).contains(&new_ip.to_string()), "{node}");
+        assert_eq!(
+            conf4.replacen(&format!("    {new_ip}\n"), "", 1),
+            *conf3,
+            "{node}: only the new peer is added"
+        );
+        let check = klab::plan::provision::CHECK_APISERVER;
+        assert_eq!(
+            provision_file(&r3, node, check).content,
+            provision_file(&r4, node, check).content
+        );
+    }
+    // The new node joins as a control plane, one at a time, through the VIP.
+    let k4 = p4.kubernetes.as_ref().expect("k");
+    let joins = k4
+        .provision
+        .phase(PhaseId::JoinControlPlane)
+        .expect("cp joins");
+    assert_eq!(joins.schedule, Schedule::Serial);
+    let joining: Vec<&str> = joins.nodes.iter().map(|n| n.node.as_str()).collect();
+    let want: Vec<&str> = cps4[1..].iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(joining, want);
+    let files4 = r4.files();
+    let rel = format!("nodes/{new}/provision/etc/klab/kubeadm/join.yaml");
+    let docs = round_trip(&rel, file(&files4, &rel));
+    let [Doc::Join(j)] = docs.as_slice() else {
+        panic!("{rel}: one JoinConfiguration");
+    };
+    let cp = j.control_plane.as_ref().expect("a control-plane join");
+    assert_eq!(
+        cp.local_api_endpoint
+            .as_ref()
+            .and_then(|e| e.advertise_address.as_deref()),
+        Some(new_ip.to_string().as_str())
+    );
+    assert_eq!(
+        cp.certificate_key.as_deref(),
+        Some("${klab:certificate-key}")
+    );
+    let endpoint = format!("{vip}:6443");
+    assert_eq!(
+        j.discovery
+            .bootstrap_token
+            .as_ref()
+            .and_then(|b| b.api_server_endpoint.as_deref()),
+        Some(endpoint.as_str()),
+        "{new} joins through the VIP"
+    );
+    assert!(k4.cert_sans.contains(&new.to_string()), "{new} in certSANs");
+
+    // Removal: with two control planes, nobody lists cp3 any more.
+    let cps2 = control_planes(&p2, cluster);
+    assert_eq!(cps2[..], cps3[..2]);
+    let (gone, _, gone_ip) = &cps3[2];
+    assert!(p2.node(gone).is_none(), "{gone} left the plan");
+    for (node, _, _) in &cps2 {
+        let conf2 = &provision_file(&r2, node, klab::plan::provision::KEEPALIVED_CONF).content;
+        assert!(
+            !peers(conf2).contains(&gone_ip.to_string()),
+            "{node} still lists {gone}"
+        );
+        assert_ne!(vip_files(&r3, node), vip_files(&r2, node), "{node}");
+    }
+    assert!(
+        r2.provision.iter().all(|f| f.node != *gone),
+        "{gone}: nothing rendered"
+    );
+}
+
+#[test]
+fn a_second_control_plane_without_a_vip_is_refused() {
+    let (mut raw, _) = e2e_ha_with(2);
+    raw.get_mut("kubernetes")
+        .and_then(|k| k.as_table_mut())
+        .expect("[kubernetes]")
+        .remove("control-plane-vip");
+    let src = toml::to_string(&raw).expect("TOML");
+    assert!(klab::config::parse_str(&src, "labs/e2e-ha.toml").is_err());
+}
+
+#[test]
+fn single_control_plane_labs_have_no_keepalived() {
+    let mut seen = 0;
+    for (name, raw, lab) in lab_files() {
+        let cps = lab
+            .nodes
+            .iter()
+            .filter(|n| n.role == klab::model::Role::ControlPlane)
+            .count();
+        if lab.kubernetes.is_none() || cps != 1 {
+            continue;
+        }
+        seen += 1;
+        assert!(
+            raw_kubernetes(&raw, "control-plane-vip").is_none(),
+            "{name}"
+        );
+        let (p, r) = render_with_test_keys(&lab);
+        let k = p.kubernetes.as_ref().expect("k");
+        assert!(k.control_plane_vip.is_none(), "{name}");
+        assert!(
+            k.provision.phase(PhaseId::Vip).is_none(),
+            "{name}: a vip phase"
+        );
+        assert!(
+            k.provision
+                .inputs
+                .iter()
+                .all(|i| i.name != value::VRRP_PASSWORD),
+            "{name}: a VRRP password"
+        );
+        for (rel, text) in r.files() {
+            assert!(!rel.contains("keepalived"), "{name}: {rel}");
+            assert!(
+                !text.contains("keepalived"),
+                "{name}: {rel} mentions keepalived"
+            );
+        }
+        let init = p.node(&k.init_node).expect("init");
+        assert_eq!(
+            k.control_plane_endpoint,
+            format!("{}:6443", init.cluster_ip),
+            "{name}"
+        );
+    }
+    assert!(seen >= 1, "no single-control-plane Kubernetes lab in labs/");
+}
