@@ -1,7 +1,8 @@
 //! In-memory backend for tests: domains, networks, pools and volumes kept in a map, ownership
 //! tags parsed from the XML it is given (same parser as the libvirt backend), a log of every
 //! call, and hooks to add foreign objects, delete objects behind klab's back, and fail the N-th
-//! call of an operation. Clones share one world.
+//! call of an operation. Clones share one world. Snapshots are kept per domain with the state
+//! the domain had when it was taken; a revert leaves the domain paused, as klab asks libvirt to.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -65,6 +66,8 @@ struct World {
     fail_object: Vec<(String, String)>,
     /// (op, delay): every call of `op` takes this long (a wedged hypervisor).
     delays: Vec<(String, std::time::Duration)>,
+    /// Per domain: its snapshots' names, oldest first. They go with the domain.
+    snapshots: BTreeMap<String, Vec<String>>,
 }
 
 /// The recording backend double.
@@ -80,7 +83,7 @@ impl Default for FakeBackend {
 }
 
 /// Operations that only read; [`FakeBackend::mutations`] leaves them out.
-const READ_OPS: [&str; 3] = ["accel_support", "observe", "domain_state"];
+const READ_OPS: [&str; 4] = ["accel_support", "observe", "domain_state", "list_snapshots"];
 
 fn volume_path(pool: &FakePool, name: &str) -> String {
     match &pool.path {
@@ -110,6 +113,7 @@ impl FakeBackend {
                 fail_nth: Vec::new(),
                 fail_object: Vec::new(),
                 delays: Vec::new(),
+                snapshots: BTreeMap::new(),
             })),
         }
     }
@@ -244,7 +248,20 @@ impl FakeBackend {
 
     /// Remove a domain without going through the backend (like `virsh undefine` by hand).
     pub fn delete_domain(&self, name: &str) -> bool {
-        self.world().domains.remove(name).is_some()
+        let mut w = self.world();
+        w.snapshots.remove(name);
+        w.domains.remove(name).is_some()
+    }
+
+    /// Drop one snapshot of a domain behind klab's back (like `virsh snapshot-delete`).
+    pub fn drop_snapshot(&self, domain: &str, name: &str) -> bool {
+        let mut w = self.world();
+        let Some(list) = w.snapshots.get_mut(domain) else {
+            return false;
+        };
+        let before = list.len();
+        list.retain(|s| s != name);
+        before != list.len()
     }
 
     pub fn delete_network(&self, name: &str) -> bool {
@@ -310,6 +327,15 @@ impl FakeBackend {
 
     pub fn volume(&self, pool: &str, name: &str) -> Option<FakeVolume> {
         self.world().pools.get(pool)?.volumes.get(name).cloned()
+    }
+
+    /// The snapshots of a domain, oldest first (empty for a domain without any).
+    pub fn snapshot_names(&self, domain: &str) -> Vec<String> {
+        self.world()
+            .snapshots
+            .get(domain)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn domain_names(&self) -> Vec<String> {
@@ -417,6 +443,12 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    fn domain_mut(&mut self, op: &'static str, name: &str) -> Result<&mut FakeDomain> {
+        self.domains
+            .get_mut(name)
+            .ok_or_else(|| BackendError::op(op, "domain", name, "no such domain"))
     }
 
     fn active_pool(&mut self, op: &'static str, pool: &str, volume: &str) -> Result<&mut FakePool> {
@@ -772,7 +804,106 @@ impl Backend for FakeBackend {
         let mut w = self.world();
         w.enter("remove_domain", "domain", name)?;
         w.domains.remove(name);
+        // Undefined with its snapshot metadata, as the libvirt backend does.
+        w.snapshots.remove(name);
         Ok(())
+    }
+
+    fn suspend_domain(&self, name: &str) -> Result<()> {
+        self.pause("suspend_domain");
+        let mut w = self.world();
+        w.enter("suspend_domain", "domain", name)?;
+        let d = w.domain_mut("suspend", name)?;
+        match d.state {
+            DomainState::Running | DomainState::Paused => {
+                d.state = DomainState::Paused;
+                Ok(())
+            }
+            other => Err(BackendError::op(
+                "suspend",
+                "domain",
+                name,
+                format!("domain is not running ({other:?})"),
+            )),
+        }
+    }
+
+    fn resume_domain(&self, name: &str) -> Result<()> {
+        self.pause("resume_domain");
+        let mut w = self.world();
+        w.enter("resume_domain", "domain", name)?;
+        let d = w.domain_mut("resume", name)?;
+        // libvirt refuses to resume a domain that is not paused.
+        if d.state != DomainState::Paused {
+            return Err(BackendError::op(
+                "resume",
+                "domain",
+                name,
+                format!("domain is not paused ({:?})", d.state),
+            ));
+        }
+        d.state = DomainState::Running;
+        Ok(())
+    }
+
+    fn create_snapshot(&self, domain: &str, xml: &str) -> Result<()> {
+        self.pause("create_snapshot");
+        let mut w = self.world();
+        w.enter("create_snapshot", "domain", domain)?;
+        let name = xml::object_name(xml).ok_or_else(|| {
+            BackendError::op("snapshot", "domain", domain, "snapshot XML has no <name>")
+        })?;
+        w.domain_mut("snapshot", domain)?;
+        let list = w.snapshots.entry(domain.to_string()).or_default();
+        if list.contains(&name) {
+            return Err(BackendError::op(
+                "snapshot",
+                "domain",
+                domain,
+                format!("snapshot `{name}` already exists"),
+            ));
+        }
+        list.push(name);
+        Ok(())
+    }
+
+    fn revert_snapshot(&self, domain: &str, name: &str) -> Result<()> {
+        self.pause("revert_snapshot");
+        let mut w = self.world();
+        w.enter("revert_snapshot", "domain", domain)?;
+        let known = w
+            .snapshots
+            .get(domain)
+            .is_some_and(|l| l.iter().any(|s| s == name));
+        let d = w.domain_mut("revert", domain)?;
+        if !known {
+            return Err(BackendError::op(
+                "revert",
+                "domain",
+                domain,
+                format!("no domain snapshot with matching name '{name}'"),
+            ));
+        }
+        d.state = DomainState::Paused;
+        d.detached.clear();
+        Ok(())
+    }
+
+    fn delete_snapshot(&self, domain: &str, name: &str) -> Result<()> {
+        self.pause("delete_snapshot");
+        let mut w = self.world();
+        w.enter("delete_snapshot", "domain", domain)?;
+        if let Some(list) = w.snapshots.get_mut(domain) {
+            list.retain(|s| s != name);
+        }
+        Ok(())
+    }
+
+    fn list_snapshots(&self, domain: &str) -> Result<Vec<String>> {
+        self.pause("list_snapshots");
+        let mut w = self.world();
+        w.enter("list_snapshots", "domain", domain)?;
+        Ok(w.snapshots.get(domain).cloned().unwrap_or_default())
     }
 }
 
@@ -1018,5 +1149,45 @@ mod tests {
             qemu: true,
         });
         assert!(!fake.accel_support().unwrap().kvm);
+    }
+
+    #[test]
+    fn snapshots_pause_revert_paused_and_go_with_the_domain() {
+        let fake = FakeBackend::new();
+        up(&fake);
+        let dom = "klab-demo-cp1";
+        let snap = "<domainsnapshot><name>initial</name></domainsnapshot>";
+        fake.suspend_domain(dom).unwrap();
+        assert_eq!(fake.domain(dom).unwrap().state, DomainState::Paused);
+        fake.create_snapshot(dom, snap).unwrap();
+        let again = fake.create_snapshot(dom, snap).unwrap_err();
+        assert!(again.to_string().contains("already exists"), "{again}");
+        fake.resume_domain(dom).unwrap();
+        assert!(
+            fake.resume_domain(dom).is_err(),
+            "a running domain is not resumed"
+        );
+        assert_eq!(fake.list_snapshots(dom).unwrap(), ["initial"]);
+
+        fake.revert_snapshot(dom, "initial").unwrap();
+        assert_eq!(fake.domain(dom).unwrap().state, DomainState::Paused);
+        let err = fake.revert_snapshot(dom, "other").unwrap_err();
+        assert!(err.to_string().contains("other"), "{err}");
+        assert!(fake.revert_snapshot("klab-demo-none", "initial").is_err());
+        assert!(fake.suspend_domain("klab-demo-none").is_err());
+        // Reading the list changes nothing.
+        assert!(
+            !fake
+                .mutations()
+                .iter()
+                .any(|c| c.starts_with("list_snapshots"))
+        );
+
+        fake.delete_snapshot(dom, "absent").unwrap();
+        assert!(fake.drop_snapshot(dom, "initial"));
+        assert!(fake.snapshot_names(dom).is_empty());
+        fake.create_snapshot(dom, snap).unwrap();
+        fake.remove_domain(dom).unwrap();
+        assert!(fake.list_snapshots(dom).unwrap().is_empty());
     }
 }
