@@ -32,7 +32,7 @@ pub async fn snapshot(p: &Printer, g: &GlobalArgs, cmd: SnapshotCommand) -> Resu
         }
         SnapshotCommand::List { name, copy } => {
             let lab = with_copy(resolve_lab_name(name, None)?, copy)?;
-            let list = snapshot::list(&env, &lab);
+            let list = snapshot::list(&env, &lab, g.connect.as_deref()).await?;
             if p.is_json() {
                 p.json(&json!({ "lab": lab, "snapshots": list }));
             } else if list.is_empty() {
@@ -40,10 +40,19 @@ pub async fn snapshot(p: &Printer, g: &GlobalArgs, cmd: SnapshotCommand) -> Resu
             } else {
                 for s in &list {
                     p.line(format!(
-                        "{:<24} {} nodes, taken at {} (unix)",
-                        s.name,
-                        s.nodes.len(),
-                        s.created_at
+                        "{:<24} {} nodes, taken at {} (unix){}",
+                        s.info.name,
+                        s.info.nodes.len(),
+                        s.info.created_at,
+                        if s.usable() {
+                            String::new()
+                        } else {
+                            format!(
+                                "  STALE: gone from {} (`klab snapshot save {lab} {}` takes it again)",
+                                s.missing_on.join(", "),
+                                s.info.name
+                            )
+                        }
                     ));
                 }
             }

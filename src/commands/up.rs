@@ -43,6 +43,7 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     };
     if copies == [None] {
         let out = crate::usecase::up::up(&env, request(None)?).await?;
+        forget_rebuilt(p, g, &env, &out).await;
         if args.snapshot && !args.dry_run {
             initial_snapshot(p, g, &env, &out).await?;
         }
@@ -65,6 +66,9 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     let mut done = Vec::new();
     for (c, r) in copies.iter().zip(results) {
         let c = c.clone().unwrap_or_default();
+        if let Ok(out) = &r {
+            forget_rebuilt(p, g, &env, out).await;
+        }
         let r = match r {
             Ok(out) if args.snapshot && !args.dry_run => {
                 initial_snapshot(p, g, &env, &out).await.map(|()| out)
@@ -100,8 +104,44 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
     }
 }
 
+/// Nodes `up` built from clean disks took no part in the lab's snapshots: those snapshots go (a
+/// warning, never a failed `up`).
+async fn forget_rebuilt(p: &Printer, g: &GlobalArgs, env: &crate::usecase::Env, out: &UpOutcome) {
+    let UpOutcome::Done { plan, reports, .. } = out else {
+        return;
+    };
+    let rebuilt: std::collections::BTreeSet<String> = reports
+        .iter()
+        .filter(|r| r.created)
+        .map(|r| r.node.clone())
+        .collect();
+    if rebuilt.is_empty() {
+        return;
+    }
+    match crate::usecase::snapshot::forget_rebuilt(env, &plan.lab, &rebuilt, g.connect.as_deref())
+        .await
+    {
+        Ok(dropped) if dropped.is_empty() => {}
+        Ok(dropped) => p.note(format!(
+            "lab {}: snapshot {} dropped: {} started from a clean disk since",
+            plan.lab,
+            dropped
+                .iter()
+                .map(|s| format!("`{s}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rebuilt.iter().cloned().collect::<Vec<_>>().join(", ")
+        )),
+        Err(e) => p.note(format!(
+            "warning: lab {}: its snapshots could not be checked after the rebuild: {e}",
+            plan.lab
+        )),
+    }
+}
+
 /// `up --snapshot`: the snapshot `reset` goes back to, taken once the lab is ready (an existing one
-/// is kept: a rerun of `up --snapshot` must not move the lab's starting point).
+/// that every node still holds is kept: a rerun of `up --snapshot` must not move the lab's
+/// starting point; a stale record is replaced).
 async fn initial_snapshot(
     p: &Printer,
     g: &GlobalArgs,
@@ -112,9 +152,10 @@ async fn initial_snapshot(
         return Ok(());
     };
     let initial = crate::usecase::snapshot::INITIAL;
-    if crate::usecase::snapshot::list(env, &plan.lab)
+    if crate::usecase::snapshot::list(env, &plan.lab, g.connect.as_deref())
+        .await?
         .iter()
-        .any(|s| s.name == initial)
+        .any(|s| s.info.name == initial && s.usable())
     {
         p.note(format!(
             "lab {}: keeping its snapshot `{initial}` (`klab snapshot delete {} {initial}` first to take a new one)",

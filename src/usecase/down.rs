@@ -122,8 +122,11 @@ async fn run(env: &Env, req: &DownRequest) -> Result<DownOutcome, Error> {
         }
     }
     if req.keep_state {
-        // Keys and plan stay for the next `up`; what was built and verified is gone.
+        // Keys and plan stay for the next `up`; what was built and verified is gone, and so are
+        // the snapshots (they went with the domains): a record of one would make the next
+        // `up --snapshot` keep a snapshot that does not exist.
         state.remove_journal()?;
+        super::snapshot::clear_records(&state)?;
     } else {
         state.remove()?;
     }

@@ -5,7 +5,7 @@
 //! is in the past rejects certificates), and verifies every node (and, for a provisioned Kubernetes
 //! lab, that every node is Ready) before it reports success.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::{Env, Error, chain, find_lab};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::observed::DomainState;
-use crate::plan::LabPlan;
+use crate::plan::{LabPlan, NodeSpec};
 use crate::provision::ssh::SshTarget;
 use crate::render::Templates;
 use crate::state::StateDir;
@@ -33,6 +33,22 @@ pub struct SnapshotInfo {
     /// Seconds all nodes were paused while it was taken.
     #[serde(default)]
     pub paused_seconds: f64,
+}
+
+/// A snapshot record as libvirt bears it out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Listed {
+    #[serde(flatten)]
+    pub info: SnapshotInfo,
+    /// Nodes of the lab whose domain does not hold it (rebuilt from a clean disk since it was
+    /// taken, added to the lab since, or removed by hand): the lab cannot go back to it.
+    pub missing_on: Vec<String>,
+}
+
+impl Listed {
+    pub fn usable(&self) -> bool {
+        self.missing_on.is_empty()
+    }
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -95,12 +111,131 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The snapshot records in the lab's state go (`down`, also with `--keep-state`: the domains
+/// that held the snapshots are gone).
+pub fn clear_records(state: &StateDir) -> Result<(), Error> {
+    let path = state.path().join(RECORD_FILE);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::Internal(format!(
+            "cannot remove {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// PURE: each record with the nodes of the plan whose domain does not hold it (`held`: the
+/// snapshot names libvirt lists per node).
+pub fn check_records(
+    records: &[SnapshotInfo],
+    plan_nodes: &[String],
+    held: &BTreeMap<String, BTreeSet<String>>,
+) -> Vec<Listed> {
+    records
+        .iter()
+        .map(|info| Listed {
+            info: info.clone(),
+            missing_on: missing_on(plan_nodes, held, &info.name),
+        })
+        .collect()
+}
+
+fn missing_on(
+    plan_nodes: &[String],
+    held: &BTreeMap<String, BTreeSet<String>>,
+    name: &str,
+) -> Vec<String> {
+    plan_nodes
+        .iter()
+        .filter(|n| !held.get(*n).is_some_and(|s| s.contains(name)))
+        .cloned()
+        .collect()
+}
+
+/// PURE: the records that name one of `rebuilt`: a node rebuilt from a clean disk lost its half.
+pub fn stale_records(records: &[SnapshotInfo], rebuilt: &BTreeSet<String>) -> Vec<String> {
+    records
+        .iter()
+        .filter(|s| s.nodes.iter().any(|n| rebuilt.contains(n)))
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+fn node_names(plan: &LabPlan) -> Vec<String> {
+    plan.nodes.iter().map(|n| n.name.clone()).collect()
+}
+
+/// A snapshot call's failure: a backend without snapshots is the user's to know, the rest klab's.
+fn backend_err(lab: &str, uri: &str, e: BackendError) -> Error {
+    match e {
+        BackendError::Unsupported { .. } => Error::user(
+            format!("snapshots need a libvirt QEMU hypervisor; lab {lab} runs on {uri} ({e})"),
+            "snapshots are taken with libvirt's internal snapshots of the nodes' qcow2 overlays",
+        ),
+        other => Error::Internal(chain(&other)),
+    }
+}
+
+/// The snapshot names libvirt holds for each node of the plan (what the records are checked
+/// against: never the file alone).
+async fn held(
+    env: &Env,
+    backend: &Arc<dyn Backend>,
+    lab: &str,
+    uri: &str,
+    plan: &LabPlan,
+) -> Result<BTreeMap<String, BTreeSet<String>>, Error> {
+    let mut out = BTreeMap::new();
+    for n in &plan.nodes {
+        let d = n.domain.clone();
+        let names = crate::exec::call_within(
+            backend,
+            format!("list snapshots of {d}"),
+            env.call_timeout,
+            move |b| b.list_snapshots(&d),
+        )
+        .await
+        .map_err(|e| backend_err(lab, uri, e))?;
+        out.insert(n.name.clone(), names.into_iter().collect());
+    }
+    Ok(out)
+}
+
+/// Resumes every domain in `nodes`, all of them also when one fails; the ones that did not resume
+/// with why.
+async fn resume_all(
+    env: &Env,
+    backend: &Arc<dyn Backend>,
+    nodes: &[&NodeSpec],
+) -> Vec<(String, String)> {
+    let mut failed = Vec::new();
+    for n in nodes {
+        let d = n.domain.clone();
+        if let Err(e) = env
+            .call(backend, format!("resume {d}"), move |b| b.resume_domain(&d))
+            .await
+        {
+            failed.push((n.name.clone(), e.to_string()));
+        }
+    }
+    failed
+}
+
+fn names(nodes: &[&NodeSpec]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The lab's saved plan and a connection; every node must be running.
 async fn running_lab(
     env: &Env,
     lab: &str,
     connect: Option<&str>,
-) -> Result<(LabPlan, Arc<dyn Backend>), Error> {
+) -> Result<(LabPlan, Arc<dyn Backend>, String), Error> {
     let state = env.paths.state(lab);
     let found = find_lab(env, connect, &state).await?;
     let plan = found.saved.ok_or_else(|| {
@@ -109,7 +244,9 @@ async fn running_lab(
             "`klab up LAB_FILE` builds it; `klab list` shows the labs here",
         )
     })?;
-    if !found.uri.starts_with("qemu:") {
+    // libvirt's other drivers (LXC, Xen) have no internal QEMU snapshots; other backends say
+    // themselves that they cannot snapshot.
+    if found.backend.kind() == "libvirt" && !found.uri.starts_with("qemu:") {
         return Err(Error::user(
             format!(
                 "snapshots need a libvirt QEMU hypervisor; lab {lab} runs on {}",
@@ -137,7 +274,7 @@ async fn running_lab(
             "`klab up LAB_FILE` starts what is missing; snapshots are taken of a running lab",
         ));
     }
-    Ok((plan, found.backend))
+    Ok((plan, found.backend, found.uri))
 }
 
 /// Pauses every node together, snapshots each, resumes them all (also when a snapshot failed;
@@ -152,13 +289,56 @@ pub async fn save(
     check_name(name)?;
     let state = env.paths.state(lab);
     let _lock = state.lock()?;
-    let (plan, backend) = running_lab(env, lab, connect).await?;
+    let (plan, backend, uri) = running_lab(env, lab, connect).await?;
+    let p = &env.printer;
+    let held = held(env, &backend, lab, &uri, &plan).await?;
     let mut recs = records(&state);
     if recs.snapshots.iter().any(|s| s.name == name) {
-        return Err(Error::user(
-            format!("lab {lab} already has a snapshot `{name}`"),
-            format!("delete it first (`klab snapshot delete {lab} {name}`) or choose another name"),
+        let missing = missing_on(&node_names(&plan), &held, name);
+        if missing.is_empty() {
+            return Err(Error::user(
+                format!("lab {lab} already has a snapshot `{name}`"),
+                format!(
+                    "delete it first (`klab snapshot delete {lab} {name}`) or choose another name"
+                ),
+            ));
+        }
+        // A record the domains no longer bear out is no snapshot: it is replaced.
+        p.note(format!(
+            "lab {lab}: snapshot `{name}` is gone from {} (rebuilt since it was taken); taking it again",
+            missing.join(", ")
         ));
+        recs.snapshots.retain(|s| s.name != name);
+        save_records(&state, &recs)?;
+    }
+    // What is left of a snapshot whose record went (a node of it was rebuilt): QEMU refuses a
+    // name a domain already holds, and half a snapshot is of no use.
+    for n in plan
+        .nodes
+        .iter()
+        .filter(|n| held.get(&n.name).is_some_and(|s| s.contains(name)))
+    {
+        p.note(format!(
+            "{}: removing the leftover snapshot `{name}` (no complete snapshot of the lab has that name)",
+            n.name
+        ));
+        let (d, s) = (n.domain.clone(), name.to_string());
+        env.call(&backend, format!("delete snapshot of {d}"), move |b| {
+            b.delete_snapshot(&d, &s)
+        })
+        .await
+        .map_err(|e| {
+            Error::user(
+                format!(
+                    "lab {lab}: {}: cannot remove the leftover snapshot `{name}`: {e}",
+                    n.name
+                ),
+                format!(
+                    "`virsh snapshot-delete {} {name}` removes it by hand",
+                    n.domain
+                ),
+            )
+        })?;
     }
     let mut xmls = Vec::new();
     for n in &plan.nodes {
@@ -167,7 +347,6 @@ pub async fn save(
             .map_err(|e| Error::user(chain(&e), "check your template overrides"))?;
         xmls.push((n.domain.clone(), xml));
     }
-    let p = &env.printer;
     let started = Instant::now();
     let mut paused = Vec::new();
     let mut taken = Vec::new();
@@ -216,21 +395,37 @@ pub async fn save(
         }
     }
     let paused_for = started.elapsed().as_secs_f64();
-    for dom in &paused {
-        let d = dom.clone();
-        if let Err(e) = env
-            .call(&backend, format!("resume {d}"), move |b| {
-                b.resume_domain(&d)
-            })
-            .await
-        {
-            p.note(format!("warning: {e}; `virsh resume {dom}` resumes it"));
-        }
+    let paused_nodes: Vec<&NodeSpec> = plan
+        .nodes
+        .iter()
+        .filter(|n| paused.contains(&n.domain))
+        .collect();
+    let not_resumed = resume_all(env, &backend, &paused_nodes).await;
+    for (node, e) in &not_resumed {
+        p.note(format!("warning: {node} is still paused: {e}"));
     }
+    let still_paused = if not_resumed.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; still paused: {} (`virsh -c {uri} resume DOMAIN` resumes one)",
+            not_resumed
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     if let Some(e) = failure {
         return Err(Error::user(
-            format!("lab {lab}: snapshot `{name}` was not taken: {e}"),
+            format!("lab {lab}: snapshot `{name}` was not taken: {e}{still_paused}"),
             "nodes built by an older klab have a writable seed disk that QEMU cannot snapshot: `klab up --recreate NODE` rebuilds them",
+        ));
+    }
+    if !not_resumed.is_empty() {
+        return Err(Error::user(
+            format!("lab {lab}: snapshot `{name}` was taken{still_paused}"),
+            format!("`klab reset {lab} --to {name}` also resumes every node"),
         ));
     }
     let info = SnapshotInfo {
@@ -244,8 +439,68 @@ pub async fn save(
     Ok(info)
 }
 
-pub fn list(env: &Env, lab: &str) -> Vec<SnapshotInfo> {
-    records(&env.paths.state(lab)).snapshots
+/// The lab's snapshot records, each checked against the snapshots libvirt holds for its nodes.
+pub async fn list(env: &Env, lab: &str, connect: Option<&str>) -> Result<Vec<Listed>, Error> {
+    let state = env.paths.state(lab);
+    let recs = records(&state).snapshots;
+    if recs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let found = find_lab(env, connect, &state).await?;
+    let Some(plan) = &found.saved else {
+        // No plan, no nodes: nothing can go back to any of them.
+        return Ok(recs
+            .into_iter()
+            .map(|info| Listed {
+                missing_on: info.nodes.clone(),
+                info,
+            })
+            .collect());
+    };
+    let held = held(env, &found.backend, lab, &found.uri, plan).await?;
+    Ok(check_records(&recs, &node_names(plan), &held))
+}
+
+/// After `up` rebuilt `rebuilt` from clean disks (`--recreate`, a changed definition, a domain
+/// deleted by hand): the snapshots that include one of them are of no use; their records go, and
+/// so do the other nodes' halves (so the name can be taken again). Returns the names dropped.
+pub async fn forget_rebuilt(
+    env: &Env,
+    lab: &str,
+    rebuilt: &BTreeSet<String>,
+    connect: Option<&str>,
+) -> Result<Vec<String>, Error> {
+    let state = env.paths.state(lab);
+    if stale_records(&records(&state).snapshots, rebuilt).is_empty() {
+        return Ok(Vec::new());
+    }
+    let _lock = state.lock()?;
+    let mut recs = records(&state);
+    let stale = stale_records(&recs.snapshots, rebuilt);
+    let found = find_lab(env, connect, &state).await?;
+    if let Some(plan) = &found.saved {
+        for n in &plan.nodes {
+            for name in &stale {
+                let (d, s) = (n.domain.clone(), name.clone());
+                if let Err(e) = env
+                    .call(
+                        &found.backend,
+                        format!("delete snapshot of {d}"),
+                        move |b| b.delete_snapshot(&d, &s),
+                    )
+                    .await
+                {
+                    env.printer.note(format!(
+                        "warning: {}: the rest of snapshot `{name}` stays: {e}",
+                        n.name
+                    ));
+                }
+            }
+        }
+    }
+    recs.snapshots.retain(|s| !stale.contains(&s.name));
+    save_records(&state, &recs)?;
+    Ok(stale)
 }
 
 pub async fn delete(env: &Env, lab: &str, name: &str, connect: Option<&str>) -> Result<(), Error> {
@@ -309,25 +564,81 @@ pub async fn reset(
         )
     })?;
     let backend = found.backend.clone();
-    for n in &plan.nodes {
-        let (d, s) = (n.domain.clone(), name.to_string());
-        env.call(&backend, format!("revert {d} to {s}"), move |b| {
-            b.revert_snapshot(&d, &s)
-        })
-        .await
-        .map_err(|e| {
-            Error::user(
-                format!("lab {lab}: node {} cannot go back to `{name}`: {e}", n.name),
-                "`klab up` rebuilds what is broken; `klab snapshot list` shows the snapshots",
-            )
-        })?;
+    let held = held(env, &backend, lab, &found.uri, &plan).await?;
+    let missing = missing_on(&node_names(&plan), &held, name);
+    if !missing.is_empty() {
+        return Err(Error::user(
+            format!(
+                "lab {lab}: snapshot `{name}` is gone from {} (libvirt holds no snapshot of that name for it: rebuilt from a clean disk, added to the lab or removed by hand since the snapshot was taken); nothing was reverted",
+                missing.join(", ")
+            ),
+            format!(
+                "take it again with `klab snapshot save {lab} {name}` (it replaces the stale record){}",
+                if name == INITIAL {
+                    ", or `klab up LAB_FILE --snapshot`"
+                } else {
+                    ""
+                }
+            ),
+        ));
     }
-    for n in &plan.nodes {
-        let d = n.domain.clone();
-        env.call(&backend, format!("resume {d}"), move |b| {
-            b.resume_domain(&d)
-        })
-        .await?;
+    let mut reverted: Vec<&NodeSpec> = Vec::new();
+    for (i, n) in plan.nodes.iter().enumerate() {
+        let (d, s) = (n.domain.clone(), name.to_string());
+        if let Err(e) = env
+            .call(&backend, format!("revert {d} to {s}"), move |b| {
+                b.revert_snapshot(&d, &s)
+            })
+            .await
+        {
+            // The ones already back are paused: running again (best effort), and said so.
+            let not_resumed = resume_all(env, &backend, &reverted).await;
+            let untouched: Vec<&NodeSpec> = plan.nodes[i + 1..].iter().collect();
+            let mut msg = format!("lab {lab}: node {} cannot go back to `{name}`: {e}", n.name);
+            let resumed: Vec<&NodeSpec> = reverted
+                .iter()
+                .copied()
+                .filter(|r| !not_resumed.iter().any(|(f, _)| *f == r.name))
+                .collect();
+            if !resumed.is_empty() {
+                msg.push_str(&format!(
+                    "\n  went back to `{name}` and running again: {}",
+                    names(&resumed)
+                ));
+            }
+            for (node, e) in &not_resumed {
+                msg.push_str(&format!(
+                    "\n  went back to `{name}` but is still paused: {node} ({e})"
+                ));
+            }
+            if !untouched.is_empty() {
+                msg.push_str(&format!("\n  not touched: {}", names(&untouched)));
+            }
+            return Err(Error::user(
+                msg,
+                format!(
+                    "the lab is part snapshot, part as it was: fix the cause and run `klab reset {lab} --to {name}` again (it reverts every node), or `klab up` to repair the lab"
+                ),
+            ));
+        }
+        reverted.push(n);
+    }
+    let not_resumed = resume_all(env, &backend, &reverted).await;
+    if !not_resumed.is_empty() {
+        return Err(Error::user(
+            format!(
+                "lab {lab}: every node went back to `{name}`, but some are still paused:\n  {}",
+                not_resumed
+                    .iter()
+                    .map(|(n, e)| format!("{n}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            ),
+            format!(
+                "`virsh -c {} resume DOMAIN` resumes one; `klab reset {lab} --to {name}` tries again",
+                found.uri
+            ),
+        ));
     }
     // Clocks, then what `up` verifies, over the pinned sessions.
     let user_key = state.user_private_key()?;
@@ -392,11 +703,7 @@ pub async fn reset(
 }
 
 /// SSH to `node` with the lab's key and its pinned host key.
-fn pinned_target(
-    state: &StateDir,
-    node: &crate::plan::NodeSpec,
-    user_key: &str,
-) -> Result<SshTarget, Error> {
+fn pinned_target(state: &StateDir, node: &NodeSpec, user_key: &str) -> Result<SshTarget, Error> {
     Ok(SshTarget {
         node: node.name.clone(),
         addr: SocketAddr::from((node.ssh_address, 22)),
@@ -475,6 +782,65 @@ mod tests {
         assert!(!is_snapshot_name("") && !is_snapshot_name("-x") && !is_snapshot_name("A"));
         assert!(!is_snapshot_name("a b") && !is_snapshot_name("a/b") && !is_snapshot_name("$(x)"));
         assert!(!is_snapshot_name(&"a".repeat(41)));
+    }
+
+    fn info(name: &str, nodes: &[&str]) -> SnapshotInfo {
+        SnapshotInfo {
+            name: name.into(),
+            created_at: 1,
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            paused_seconds: 0.5,
+        }
+    }
+
+    #[test]
+    fn records_are_checked_against_what_each_node_holds() {
+        let recs = [info("initial", &["a", "b"]), info("later", &["a", "b"])];
+        let held: BTreeMap<String, BTreeSet<String>> = [
+            (
+                "a".to_string(),
+                ["initial", "later"].map(String::from).into(),
+            ),
+            // b was rebuilt: only `initial` taken again since.
+            ("b".to_string(), ["initial"].map(String::from).into()),
+        ]
+        .into();
+        let nodes = ["a", "b", "c"].map(String::from);
+        let listed = check_records(&recs, &nodes[..2], &held);
+        assert!(listed[0].usable(), "{listed:?}");
+        assert_eq!(listed[1].missing_on, ["b"]);
+        // A node added to the lab since holds none of them.
+        let listed = check_records(&recs, &nodes, &held);
+        assert_eq!(listed[0].missing_on, ["c"]);
+        assert_eq!(listed[1].missing_on, ["b", "c"]);
+        let json = serde_json::to_value(&listed[1]).unwrap();
+        assert_eq!(json["name"], "later");
+        assert_eq!(json["missing_on"], serde_json::json!(["b", "c"]));
+    }
+
+    #[test]
+    fn a_rebuilt_node_makes_every_snapshot_with_it_stale() {
+        let recs = [info("initial", &["a", "b"]), info("only-a", &["a"])];
+        let rebuilt: BTreeSet<String> = ["b".to_string()].into();
+        assert_eq!(stale_records(&recs, &rebuilt), ["initial"]);
+        assert!(stale_records(&recs, &BTreeSet::new()).is_empty());
+    }
+
+    #[test]
+    fn clearing_the_records_leaves_none_and_is_safe_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path(), "demo");
+        save_records(
+            &state,
+            &Records {
+                snapshots: vec![info("initial", &["a"])],
+            },
+        )
+        .unwrap();
+        assert_eq!(records(&state).snapshots.len(), 1);
+        clear_records(&state).unwrap();
+        assert!(records(&state).snapshots.is_empty());
+        clear_records(&state).unwrap();
     }
 
     #[test]
