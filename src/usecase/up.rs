@@ -81,26 +81,22 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 pub async fn up(env: &Env, mut req: UpRequest) -> Result<UpOutcome, Error> {
-    if let Some(copy) = req.copy.clone() {
-        // The registry's lock may wait for another klab: off the async runtime.
-        let (data_root, checks) = (env.paths.data_root.clone(), env.host_checks);
-        let (lab, pool, host, dry) = (
-            req.lab.clone(),
-            req.subnet_pool,
-            req.host.clone(),
-            req.dry_run,
-        );
-        req.lab =
-            super::blocking(move || derive_copy(&data_root, checks, &lab, pool, &host, &copy, dry))
-                .await?;
-    }
-    let state = env.paths.state(&req.lab.name);
+    // The lab's name first (a copy's follows from the copy name), so the registry is only changed
+    // under the lab's lock: a failed `up` can then tell whether the entry is its own to release.
+    let name = match &req.copy {
+        Some(copy) if !crate::copies::is_copy_name(copy) => {
+            let e = crate::copies::CopyError::BadName(copy.clone());
+            return Err(Error::user(e.to_string(), e.hint()));
+        }
+        Some(copy) => crate::copies::copy_lab_name(&req.lab.name, copy),
+        None => req.lab.name.clone(),
+    };
+    let state = env.paths.state(&name);
     let _lock = if req.dry_run {
         if state.is_locked() {
             return Err(Error::user(
                 format!(
-                    "lab `{}` is busy: another klab command is changing it, so a dry run cannot say what `up` would do",
-                    req.lab.name
+                    "lab `{name}` is busy: another klab command is changing it, so a dry run cannot say what `up` would do"
                 ),
                 "run the dry run again when the other command has finished",
             ));
@@ -109,14 +105,87 @@ pub async fn up(env: &Env, mut req: UpRequest) -> Result<UpOutcome, Error> {
     } else {
         Some(state.lock()?)
     };
-    let result = run(env, &req, &state).await;
-    if result.is_err() && !req.dry_run {
-        // Nothing was created before meta.json is written: leave no state directory behind.
-        if let Err(e) = state.remove_if_unused() {
-            tracing::warn!("{}", chain(&e));
+    let registered_before = req.dry_run || {
+        let registry = crate::registry::Registry::new(&env.paths.data_root);
+        let n = name.clone();
+        // A registry that cannot be read counts as holding the entry: nothing is released then.
+        super::blocking(move || Ok(registry.read().map_or(true, |e| e.labs.contains_key(&n))))
+            .await?
+    };
+    let result = match req.copy.clone() {
+        Some(copy) => {
+            // The registry's lock may wait for another klab: off the async runtime.
+            let (data_root, checks) = (env.paths.data_root.clone(), env.host_checks);
+            let (lab, pool, host, dry) = (
+                req.lab.clone(),
+                req.subnet_pool,
+                req.host.clone(),
+                req.dry_run,
+            );
+            super::blocking(move || derive_copy(&data_root, checks, &lab, pool, &host, &copy, dry))
+                .await
         }
+        None => Ok(req.lab.clone()),
+    };
+    let result = match result {
+        Ok(lab) => {
+            req.lab = lab;
+            run(env, &req, &state).await
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Err(e) if !req.dry_run => {
+            Err(after_failure(env, &state, &name, registered_before, e).await)
+        }
+        other => other,
     }
-    result
+}
+
+/// A failed `up`: a lab that got nothing (no `meta.json`: it is written before the first object)
+/// leaves no state directory and, when this run registered its subnets, no registry entry. One
+/// that got objects keeps its entry until `klab down` removes the objects, and the hint says so.
+async fn after_failure(
+    env: &Env,
+    state: &StateDir,
+    name: &str,
+    registered_before: bool,
+    e: Error,
+) -> Error {
+    if let Err(e) = state.remove_if_unused() {
+        tracing::warn!("{}", chain(&e));
+    }
+    if registered_before {
+        return e;
+    }
+    if !state.path().join("meta.json").exists() {
+        let registry = crate::registry::Registry::new(&env.paths.data_root);
+        let n = name.to_string();
+        let released = super::blocking(move || {
+            let mut g = registry.lock().map_err(registry_err)?;
+            if g.entries.labs.remove(&n).is_some() {
+                g.save().map_err(registry_err)?;
+            }
+            Ok(())
+        })
+        .await;
+        if let Err(r) = released {
+            env.printer.note(format!(
+                "warning: lab {name}: its subnets stay registered on this host: {r}"
+            ));
+        }
+        return e;
+    }
+    match e {
+        Error::User { message, hint } => Error::User {
+            message,
+            hint: Some(format!(
+                "{}; its subnets stay reserved on this host until `klab down {name}` removes it",
+                hint.unwrap_or_else(|| "fix the cause and run `klab up` again".into())
+            )),
+        },
+        other => other,
+    }
 }
 
 async fn run(env: &Env, req: &UpRequest, state: &StateDir) -> Result<UpOutcome, Error> {
