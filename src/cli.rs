@@ -110,9 +110,8 @@ pub enum Command {
     Ssh {
         /// Node name, or LAB/NODE.
         node: String,
-        /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
-        #[arg(long, short = 'l')]
-        lab: Option<String>,
+        #[command(flatten)]
+        lab: SshLab,
         /// Command to run instead of an interactive shell. As with `ssh`, the words are joined
         /// with spaces and run by the remote shell: `klab ssh cp1 -- 'echo $(hostname)'`.
         #[arg(last = true)]
@@ -153,6 +152,17 @@ pub enum Command {
     Provision(ProvisionArgs),
     /// Print the lab's admin kubeconfig, or merge it into your kubeconfig.
     Kubeconfig(KubeconfigArgs),
+}
+
+/// Which lab `klab ssh` reaches.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SshLab {
+    /// Lab name [default: the lab in ./lab.toml, or the only lab on this host].
+    #[arg(long, short = 'l')]
+    pub lab: Option<String>,
+    /// A copy of the lab (`klab up --copy NAME`): the same as naming `LAB-NAME`.
+    #[arg(long, value_name = "NAME")]
+    pub copy: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::{CmdError, chain, resolve_lab_name};
-use crate::cli::GlobalArgs;
+use crate::cli::{GlobalArgs, SshLab};
 use crate::output::Printer;
 use crate::plan::LabPlan;
 use crate::provision::Remote;
@@ -39,7 +39,24 @@ pub fn ssh_config(p: &Printer, name: Option<String>) -> Result<(), CmdError> {
             "run `klab up` first",
         )
     })?;
-    p.line(text.trim_end());
+    if p.is_json() {
+        let kh = state.known_hosts_path();
+        let known_hosts = std::fs::read_to_string(&kh).map_err(|e| {
+            CmdError::user(
+                format!("lab `{lab}`: cannot read {}: {e}", kh.display()),
+                "`klab up` writes it again",
+            )
+        })?;
+        p.json(&serde_json::json!({
+            "lab": lab,
+            "config": text,
+            "config_path": path,
+            "known_hosts": known_hosts,
+            "known_hosts_path": kh,
+        }));
+    } else {
+        p.line(text.trim_end());
+    }
     Ok(())
 }
 
@@ -47,12 +64,21 @@ pub async fn ssh(
     _p: &Printer,
     _g: &GlobalArgs,
     node: &str,
-    lab: Option<String>,
+    lab: SshLab,
     command: Vec<String>,
 ) -> Result<(), CmdError> {
     let (lab, node) = match node.split_once('/') {
-        Some((l, n)) => (super::check_lab_name(l.to_string())?, n.to_string()),
-        None => (lab_of_node(lab, node)?, node.to_string()),
+        Some((l, n)) => (
+            super::with_copy(super::check_lab_name(l.to_string())?, lab.copy)?,
+            n.to_string(),
+        ),
+        None => match lab.copy {
+            Some(copy) if lab.lab.is_none() => (lab_of_copy(&copy)?, node.to_string()),
+            copy => (
+                super::with_copy(lab_of_node(lab.lab, node)?, copy)?,
+                node.to_string(),
+            ),
+        },
     };
     let state = StateDir::new(&crate::paths::state_root(), &lab);
     let saved = state.load_plan()?.ok_or_else(|| {
@@ -168,6 +194,56 @@ fn lab_of_node(lab: Option<String>, node: &str) -> Result<String, CmdError> {
     }
 }
 
+/// Which lab `klab ssh --copy NAME NODE` means without `--lab`: the copy of ./lab.toml's lab,
+/// else the one copy of that name on this host (the registry knows the copies).
+fn lab_of_copy(copy: &str) -> Result<String, CmdError> {
+    if Path::new("lab.toml").exists() {
+        return super::with_copy(resolve_lab_name(None, None)?, Some(copy.to_string()));
+    }
+    if !crate::copies::is_copy_name(copy) {
+        return Err(CmdError::user(
+            format!("`{}` is not a copy name", crate::config::escape(copy)),
+            "`klab list` shows the labs and their copies on this host",
+        ));
+    }
+    let entries = crate::registry::Registry::new(&crate::paths::data_root())
+        .read()
+        .map_err(|e| {
+            CmdError::user(
+                chain(&e),
+                "name the lab: `klab ssh --lab LAB --copy NAME NODE`",
+            )
+        })?;
+    let labs = copy_labs(&entries, copy);
+    match labs.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(CmdError::user(
+            format!("no lab on this host has a copy `{copy}`"),
+            "`klab list` shows the labs and their copies",
+        )),
+        many => Err(CmdError::user(
+            format!(
+                "several labs on this host have a copy `{copy}`: {}",
+                many.join(", ")
+            ),
+            format!(
+                "name the lab: `klab ssh --lab LAB --copy {copy} NODE` or `klab ssh {}/NODE -- …`",
+                many[0]
+            ),
+        )),
+    }
+}
+
+/// PURE: the lab names of every copy called `copy`, from the registry.
+fn copy_labs(entries: &crate::registry::Entries, copy: &str) -> Vec<String> {
+    entries
+        .labs
+        .iter()
+        .filter(|(_, e)| e.copy_of.is_some() && e.copy.as_deref() == Some(copy))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// The command line the remote shell runs: the words joined with spaces, as OpenSSH does, so
 /// `klab ssh cp1 -- 'echo $(date)'` and `klab ssh cp1 -- ls '*.log'` mean what they mean with `ssh`.
 pub fn remote_command(words: &[String]) -> String {
@@ -187,6 +263,26 @@ fn exec_openssh(cfg: &Path, node: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_name_finds_the_copies_of_that_name() {
+        use crate::registry::{Entries, Entry};
+        let mut e = Entries::default();
+        let entry = |of: Option<&str>, copy: Option<&str>| Entry {
+            networks: Vec::new(),
+            copy_of: of.map(String::from),
+            copy: copy.map(String::from),
+        };
+        e.labs.insert("demo".into(), entry(None, None));
+        e.labs
+            .insert("demo-1".into(), entry(Some("demo"), Some("1")));
+        e.labs
+            .insert("demo-2".into(), entry(Some("demo"), Some("2")));
+        e.labs.insert("web-1".into(), entry(Some("web"), Some("1")));
+        assert_eq!(copy_labs(&e, "2"), ["demo-2"]);
+        assert_eq!(copy_labs(&e, "1"), ["demo-1", "web-1"]);
+        assert!(copy_labs(&e, "3").is_empty());
+    }
 
     #[test]
     fn the_remote_command_is_the_words_joined_like_openssh() {
