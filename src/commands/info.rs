@@ -68,9 +68,21 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
         // A damaged state file shows as unknown, never hides the other labs.
         let meta = st.load_meta().ok().flatten();
         let nodes = st.load_down_facts().map(|s| s.nodes.len()).unwrap_or(0);
+        // The plan's networks, for a lab the registry does not know (yet, or any more).
+        let networks: Vec<String> = st
+            .load_plan()
+            .ok()
+            .flatten()
+            .map(|p| {
+                p.networks
+                    .iter()
+                    .map(|n| format!("{}={}/{}", n.key, n.address, n.prefix))
+                    .collect()
+            })
+            .unwrap_or_default();
         labs.insert(
             lab.clone(),
-            json!({ "lab": lab, "uri": meta.as_ref().map(|m| m.uri.clone()), "nodes": nodes, "state": true, "domains_running": null }),
+            json!({ "lab": lab, "uri": meta.as_ref().map(|m| m.uri.clone()), "nodes": nodes, "state": true, "domains_running": null, "networks": networks }),
         );
     }
     // Also labs that only exist as tagged objects (e.g. state removed by hand).
@@ -124,6 +136,7 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
             entry["copy"] = json!(e.copy);
         }
     }
+    group_copies(&mut labs);
     if p.is_json() {
         p.json(&labs.values().collect::<Vec<_>>());
         return Ok(());
@@ -155,6 +168,29 @@ pub async fn list(p: &Printer, g: &GlobalArgs) -> Result<(), CmdError> {
     Ok(())
 }
 
+/// PURE: the same keys on every entry of `klab list --output json` (`copy_of`/`copy` null for a
+/// lab that is no copy, `networks` empty when unknown), and on each lab the names of its copies
+/// (`copies`), so scripts can read the flat list or the grouping.
+fn group_copies(labs: &mut BTreeMap<String, serde_json::Value>) {
+    let mut copies: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, v) in labs.iter_mut() {
+        for key in ["copy_of", "copy"] {
+            if v.get(key).is_none() {
+                v[key] = serde_json::Value::Null;
+            }
+        }
+        if v.get("networks").is_none() {
+            v["networks"] = json!([]);
+        }
+        if let Some(of) = v["copy_of"].as_str() {
+            copies.entry(of.to_string()).or_default().push(name.clone());
+        }
+    }
+    for (name, v) in labs.iter_mut() {
+        v["copies"] = json!(copies.remove(name).unwrap_or_default());
+    }
+}
+
 fn line(p: &Printer, v: &serde_json::Value, indent: &str) {
     {
         p.line(format!(
@@ -171,6 +207,7 @@ fn line(p: &Printer, v: &serde_json::Value, indent: &str) {
             v["uri"].as_str().unwrap_or(""),
             v["networks"]
                 .as_array()
+                .filter(|n| !n.is_empty())
                 .map(|n| format!(
                     " {}",
                     n.iter()
@@ -185,5 +222,38 @@ fn line(p: &Printer, v: &serde_json::Value, indent: &str) {
                 ""
             }
         ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_has_the_copy_keys_and_a_lab_names_its_copies() {
+        let mut labs = BTreeMap::new();
+        labs.insert(
+            "demo".to_string(),
+            json!({ "lab": "demo", "networks": ["lan=10.0.0.0/24"] }),
+        );
+        labs.insert(
+            "demo-1".to_string(),
+            json!({ "lab": "demo-1", "copy_of": "demo", "copy": "1", "networks": ["lan=10.240.7.0/24"] }),
+        );
+        // A copy whose lab is not up: still listed flat, with its relation.
+        labs.insert(
+            "web-a".to_string(),
+            json!({ "lab": "web-a", "copy_of": "web", "copy": "a", "networks": [] }),
+        );
+        labs.insert("bare".to_string(), json!({ "lab": "bare" }));
+        group_copies(&mut labs);
+        assert_eq!(labs["demo"]["copies"], json!(["demo-1"]));
+        assert_eq!(labs["demo"]["copy_of"], serde_json::Value::Null);
+        assert_eq!(labs["demo-1"]["copy_of"], "demo");
+        assert_eq!(labs["demo-1"]["networks"], json!(["lan=10.240.7.0/24"]));
+        assert_eq!(labs["demo-1"]["copies"], json!([]));
+        assert_eq!(labs["web-a"]["copy_of"], "web");
+        assert_eq!(labs["bare"]["networks"], json!([]));
+        assert_eq!(labs["bare"]["copy"], serde_json::Value::Null);
     }
 }
