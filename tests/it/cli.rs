@@ -330,3 +330,201 @@ fn render_from_state_writes_the_keys_owner_only() {
     assert_eq!(mode(&out_dir.join("nodes/node1")), 0o700);
     assert_eq!(mode(&out_dir.join("nodes/node1/domain.xml")), 0o600);
 }
+
+/// A URI libvirt cannot reach, so a test never touches the host's hypervisor.
+const NO_LIBVIRT: &str = "qemu+unix:///system?socket=/nonexistent/klab-test.sock";
+
+/// Registry entries as `up` leaves them: `(lab, copy of, copy name, network)`.
+fn registry(data: &Path, entries: &[(&str, Option<&str>, Option<&str>, &str)]) {
+    let mut labs = serde_json::Map::new();
+    for (lab, of, copy, net) in entries {
+        let mut e = serde_json::json!({ "networks": [["lan", net]] });
+        if let (Some(of), Some(copy)) = (of, copy) {
+            e["copy_of"] = serde_json::json!(of);
+            e["copy"] = serde_json::json!(copy);
+        }
+        labs.insert(lab.to_string(), e);
+    }
+    std::fs::write(
+        data.join("registry.json"),
+        serde_json::to_string(&serde_json::json!({ "version": 1, "labs": labs })).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn ssh_takes_copy_like_the_other_commands() {
+    let data = tempfile::tempdir().unwrap();
+    saved_lab(data.path(), "local.toml", "one");
+    saved_lab(data.path(), "local.toml", "one-1");
+    registry(
+        data.path(),
+        &[
+            ("one", None, None, "10.10.0.0/24"),
+            ("one-1", Some("one"), Some("1"), "10.240.1.0/24"),
+        ],
+    );
+    // Every way of naming the copy reaches lab one-1 (which has no node9: the error says so
+    // before any connection).
+    for args in [
+        &["ssh", "--copy", "1", "node9", "--", "true"][..],
+        &["ssh", "--lab", "one", "--copy", "1", "node9", "--", "true"],
+        &["ssh", "one/node9", "--copy", "1", "--", "true"],
+        &["ssh", "one-1/node9", "--", "true"],
+    ] {
+        let out = klab_in(data.path(), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.starts_with("error: lab `one-1` has no node `node9`"),
+            "{args:?}: {err}"
+        );
+        assert!(err.contains("nodes are: node1, node2"), "{err}");
+    }
+    let out = klab_in(data.path(), &["ssh", "--copy", "7", "node1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("no lab on this host has a copy `7`"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = klab_in(
+        data.path(),
+        &["ssh", "--copy", "A/..", "node1", "--", "true"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("is not a copy name"));
+}
+
+#[test]
+fn ssh_config_json_is_one_document_with_the_config_and_known_hosts() {
+    let data = tempfile::tempdir().unwrap();
+    saved_lab(data.path(), "local.toml", "one-1");
+    let state = klab::state::StateDir::new(&data.path().join("labs"), "one-1");
+    state
+        .write_file(
+            "ssh_config",
+            "Host one-1-node1 node1\n  HostName 10.0.0.1\n",
+        )
+        .unwrap();
+    state
+        .write_file("known_hosts", "10.0.0.1,node1 ssh-ed25519 AAAA\n")
+        .unwrap();
+    let out = klab_in(
+        data.path(),
+        &["ssh-config", "one", "--copy", "1", "--output", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["lab"], "one-1");
+    assert_eq!(
+        doc["config"],
+        "Host one-1-node1 node1\n  HostName 10.0.0.1\n"
+    );
+    assert_eq!(doc["known_hosts"], "10.0.0.1,node1 ssh-ed25519 AAAA\n");
+    assert!(
+        doc["config_path"]
+            .as_str()
+            .unwrap()
+            .ends_with("one-1/ssh_config")
+    );
+    // Text stays the config itself.
+    let out = klab_in(data.path(), &["ssh-config", "one-1"]);
+    assert_eq!(
+        text(&out.stdout),
+        "Host one-1-node1 node1\n  HostName 10.0.0.1\n"
+    );
+}
+
+#[test]
+fn down_all_copies_json_is_one_document_and_every_failure_is_named() {
+    let data = tempfile::tempdir().unwrap();
+    registry(
+        data.path(),
+        &[
+            ("one-1", Some("one"), Some("1"), "10.240.1.0/24"),
+            ("one-2", Some("one"), Some("2"), "10.240.2.0/24"),
+        ],
+    );
+    let out = klab_in(
+        data.path(),
+        &[
+            "down",
+            "one",
+            "--all-copies",
+            "--output",
+            "json",
+            "--connect",
+            NO_LIBVIRT,
+        ],
+    );
+    // Neither copy can be reached: both are tried, both named, one document, exit 1.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)));
+    assert_eq!(doc["lab"], "one");
+    assert_eq!(doc["copies"], serde_json::json!([]));
+    let failed: Vec<&str> = doc["failed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["lab"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["one-1", "one-2"]);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("2 of 2 copies of lab one are not removed")
+            && err.contains("one-1: ")
+            && err.contains("one-2: "),
+        "{err}"
+    );
+
+    // No copies: still one document.
+    let out = klab_in(
+        data.path(),
+        &["down", "two", "--all-copies", "--output", "json"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["copies"], serde_json::json!([]));
+    assert_eq!(doc["failed"], serde_json::json!([]));
+}
+
+#[test]
+fn list_json_stays_flat_and_every_copy_names_its_lab_and_networks() {
+    let data = tempfile::tempdir().unwrap();
+    saved_lab(data.path(), "local.toml", "one");
+    saved_lab(data.path(), "local.toml", "one-1");
+    // A lab the registry does not know: its networks come from its plan.
+    saved_lab(data.path(), "quickstart.toml", "three");
+    registry(
+        data.path(),
+        &[
+            ("one", None, None, "10.10.0.0/24"),
+            ("one-1", Some("one"), Some("1"), "10.240.1.0/24"),
+        ],
+    );
+    let out = klab_in(
+        data.path(),
+        &["list", "--output", "json", "--connect", NO_LIBVIRT],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let by_name = |n: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["lab"] == n)
+            .unwrap_or_else(|| panic!("{n} not listed: {list}"))
+            .clone()
+    };
+    let copy = by_name("one-1");
+    assert_eq!(copy["copy_of"], "one");
+    assert_eq!(copy["copy"], "1");
+    assert_eq!(copy["networks"], serde_json::json!(["lan=10.240.1.0/24"]));
+    let lab = by_name("one");
+    assert_eq!(lab["copy_of"], serde_json::Value::Null);
+    assert_eq!(lab["copies"], serde_json::json!(["one-1"]));
+    let three = by_name("three");
+    assert!(!three["networks"].as_array().unwrap().is_empty(), "{three}");
+}

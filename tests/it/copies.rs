@@ -132,3 +132,101 @@ fn copies_come_up_together_apart_and_go_alone() {
             .is_none_or(|m| !m.keys().any(|k| k.starts_with("e2ecp-")))
     );
 }
+
+// ---- The host registry on the fake backend (no VMs) ----
+
+mod registry_on_the_fake {
+    use std::sync::Arc;
+
+    use klab::backend::fake::FakeBackend;
+    use klab::backend::{Backend, BackendError};
+
+    use super::super::snapshot::fake_lab;
+
+    #[tokio::test]
+    async fn copies_a_failed_up_that_created_nothing_releases_its_subnets() {
+        // The hypervisor cannot be reached: nothing is created.
+        let w = fake_lab::with_connector(
+            FakeBackend::new(),
+            Arc::new(|uri: &str| -> Result<Arc<dyn Backend>, BackendError> {
+                Err(BackendError::Connect {
+                    uri: uri.into(),
+                    message: "refused".into(),
+                })
+            }),
+        );
+        let err = klab::usecase::up::up(&w.env, w.request(Some("1"), &[]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("refused"), "{err}");
+        assert!(
+            !w.registry().labs.contains_key("e2e-1"),
+            "{:?}",
+            w.registry()
+        );
+        assert!(!w.env.paths.state_root.join("e2e-1").exists());
+    }
+
+    #[tokio::test]
+    async fn copies_a_failed_up_that_created_objects_keeps_its_subnets_and_says_so() {
+        let w = fake_lab::new();
+        // The second node cannot start: the pool, networks and the first node exist.
+        w.fake.fail_nth("define_and_start", 2);
+        let err = klab::usecase::up::up(&w.env, w.request(Some("1"), &[]))
+            .await
+            .unwrap_err();
+        let hint = err.hint().unwrap_or_default();
+        assert!(
+            hint.contains("subnets stay reserved on this host until `klab down e2e-1`"),
+            "{hint}"
+        );
+        let entry = &w.registry().labs["e2e-1"];
+        assert_eq!(entry.copy_of.as_deref(), Some("e2e"));
+        assert_eq!(entry.networks.len(), 2);
+        // The next up takes the same subnets and finishes; down releases them.
+        let out = klab::usecase::up::up(&w.env, w.request(Some("1"), &[]))
+            .await
+            .unwrap();
+        let klab::usecase::up::UpOutcome::Done { plan, .. } = out else {
+            unreachable!()
+        };
+        let cidrs: Vec<String> = plan
+            .networks
+            .iter()
+            .map(|n| format!("{}/{}", n.address, n.prefix))
+            .collect();
+        let registered: Vec<String> = entry.networks.iter().map(|(_, n)| n.to_string()).collect();
+        assert_eq!(cidrs, registered);
+        klab::usecase::down::down(
+            &w.env,
+            klab::usecase::down::DownRequest {
+                lab: "e2e-1".into(),
+                connect: None,
+                dry_run: false,
+                keep_state: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!w.registry().labs.contains_key("e2e-1"));
+    }
+
+    #[tokio::test]
+    async fn copies_a_lab_refused_before_it_is_created_leaves_no_registry_entry() {
+        // The lab itself (no copy): a failing first up must not hold its subnets either.
+        let w = fake_lab::new();
+        w.fake.fail_nth("observe", 1);
+        assert!(
+            klab::usecase::up::up(&w.env, w.request(None, &[]))
+                .await
+                .is_err()
+        );
+        assert!(!w.registry().labs.contains_key("e2e"), "{:?}", w.registry());
+        // A lab that was registered before keeps its entry through a failed rerun.
+        w.up(&[]).await.unwrap();
+        w.fake.fail_nth("observe", 3);
+        let before = w.registry().labs["e2e"].clone();
+        let _ = klab::usecase::up::up(&w.env, w.request(None, &[])).await;
+        assert_eq!(w.registry().labs.get("e2e"), Some(&before));
+    }
+}

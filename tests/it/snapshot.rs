@@ -83,3 +83,471 @@ fn snapshot_reset_puts_the_lab_back_in_seconds() {
     ok(&["down", LAB, "--copy", COPY]);
     assert!(!klab::paths::state_root().join(NAME).exists());
 }
+
+// ---- The snapshot use case on the fake backend (no VMs) ----
+
+/// A lab brought up by the real `up` use case on the recording fake backend, with a dialer that
+/// answers as booted nodes (the clock command and klab's probe included). Copies' tests use it too.
+pub(crate) mod fake_lab {
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use klab::backend::fake::FakeBackend;
+    use klab::backend::{Backend, BackendError};
+    use klab::cli::OutputFormat;
+    use klab::exec::{BoxFuture, Dialer, NodeSession};
+    use klab::output::Printer;
+    use klab::plan::{ImageSpec, LabPlan, LocalImage, NodeSpec};
+    use klab::provision::RemoteError;
+    use klab::provision::recording::{RecordingRemote, ok};
+    use klab::provision::ssh::SshTarget;
+    use klab::usecase::up::{UpOutcome, UpRequest};
+    use klab::usecase::{Connector, Env, Error, Images, Paths};
+
+    fn probe_output(n: &NodeSpec) -> String {
+        let mut s = format!(
+            "@@hostname\n{}\n@@link\n1: lo: <LOOPBACK> mtu 65536 link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n",
+            n.name
+        );
+        for (i, nic) in n.nics.iter().enumerate() {
+            s.push_str(&format!(
+                "{}: {}: <BROADCAST,MULTICAST,UP> mtu 1500 qdisc fq_codel state UP link/ether {} brd ff:ff:ff:ff:ff:ff\n",
+                i + 2,
+                nic.ifname,
+                nic.mac
+            ));
+        }
+        s.push_str("@@addr\n");
+        for (i, nic) in n.nics.iter().enumerate() {
+            s.push_str(&format!(
+                "{}: {}    inet {}/{} brd 10.255.255.255 scope global {}\n",
+                i + 2,
+                nic.ifname,
+                nic.ip,
+                nic.prefix,
+                nic.ifname
+            ));
+        }
+        s.push_str("@@route\n");
+        if let Some(gw) = n.nics[0].gateway {
+            s.push_str(&format!("default via {gw} dev {}\n", n.nics[0].ifname));
+        }
+        s
+    }
+
+    const CLOUD_INIT_DONE: &str =
+        "@@result\n{\"v1\": {\"datasource\": \"nocloud\", \"errors\": []}}\n@@status\n{}\n";
+    /// What the guest's clock said before klab set it (unix seconds): far behind the host's.
+    pub const GUEST_CLOCK: f64 = 1_000_000.0;
+
+    /// Answers as the node the saved plan of any lab under `state_root` has at that address.
+    struct NodeDialer {
+        state_root: PathBuf,
+        commands: Arc<Mutex<Vec<(String, String)>>>,
+    }
+
+    impl Dialer for NodeDialer {
+        fn dial<'a>(
+            &'a self,
+            target: &'a SshTarget,
+            _timeout: Duration,
+        ) -> BoxFuture<'a, Result<Box<dyn NodeSession>, RemoteError>> {
+            Box::pin(async move {
+                let node = klab::state::list_labs(&self.state_root)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|l| {
+                        klab::state::StateDir::new(&self.state_root, l)
+                            .load_plan()
+                            .ok()
+                            .flatten()
+                    })
+                    .flat_map(|p: LabPlan| p.nodes)
+                    .find(|n| {
+                        n.name == target.node
+                            && std::net::IpAddr::V4(n.ssh_address) == target.addr.ip()
+                    })
+                    .ok_or_else(|| RemoteError::Connect {
+                        node: target.node.clone(),
+                        addr: target.addr.to_string(),
+                        message: "no such node in any saved plan".into(),
+                    })?;
+                self.commands
+                    .lock()
+                    .unwrap()
+                    .push((target.node.clone(), "dial".into()));
+                let remote = RecordingRemote::new(&target.node)
+                    .on(klab::verify::CLOUD_INIT_WAIT_COMMAND, ok(CLOUD_INIT_DONE))
+                    .on(klab::verify::PROBE_COMMAND, ok(&probe_output(&node)))
+                    .on_prefix("g=$(date -u +%s.%N);", ok(&format!("{GUEST_CLOCK}\n")));
+                Ok(Box::new(remote) as Box<dyn NodeSession>)
+            })
+        }
+    }
+
+    struct StubImages(PathBuf);
+
+    impl Images for StubImages {
+        fn local_images(&self) -> Result<Vec<LocalImage>, String> {
+            Ok(vec![LocalImage {
+                key: "debian-12".into(),
+                path: self.0.join("debian-12.qcow2").display().to_string(),
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+            }])
+        }
+        fn cache_root(&self) -> PathBuf {
+            self.0.clone()
+        }
+        fn ensure(&self, _spec: &ImageSpec, _quiet: bool) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    pub struct FakeLab {
+        pub _tmp: tempfile::TempDir,
+        pub env: Env,
+        pub fake: FakeBackend,
+        pub lab: klab::model::Lab,
+        /// Every dial, as (node, "dial").
+        pub dials: Arc<Mutex<Vec<(String, String)>>>,
+    }
+
+    /// `labs/e2e-isolated.toml` (vm1, vm2, vm3), nothing created yet.
+    pub fn new() -> FakeLab {
+        let fake = FakeBackend::new();
+        let f = fake.clone();
+        with_connector(
+            fake,
+            Arc::new(
+                move |_uri: &str| -> Result<Arc<dyn Backend>, BackendError> {
+                    Ok(Arc::new(f.clone()))
+                },
+            ),
+        )
+    }
+
+    pub fn with_connector(fake: FakeBackend, connector: Arc<dyn Connector>) -> FakeLab {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/labs/e2e-isolated.toml");
+        let lab = klab::config::parse_str(&std::fs::read_to_string(path).unwrap(), path).unwrap();
+        let paths = Paths {
+            state_root: tmp.path().join("labs"),
+            data_root: tmp.path().join("data"),
+        };
+        let dials = Arc::new(Mutex::new(Vec::new()));
+        let env = Env {
+            connector,
+            dialer: Arc::new(NodeDialer {
+                state_root: paths.state_root.clone(),
+                commands: dials.clone(),
+            }),
+            images: Arc::new(StubImages(tmp.path().join("images"))),
+            paths,
+            printer: Printer::new(OutputFormat::Json),
+            call_timeout: Duration::from_secs(10),
+            host_checks: false,
+        };
+        FakeLab {
+            _tmp: tmp,
+            env,
+            fake,
+            lab,
+            dials,
+        }
+    }
+
+    impl FakeLab {
+        pub fn request(&self, copy: Option<&str>, recreate: &[&str]) -> UpRequest {
+            UpRequest {
+                lab: self.lab.clone(),
+                lab_file: None,
+                uri: "fake:///".into(),
+                accel: klab::model::Accel::Auto,
+                templates: klab::render::Templates::builtin().unwrap(),
+                dry_run: false,
+                recreate: recreate
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<BTreeSet<_>>(),
+                jobs: 3,
+                host: Default::default(),
+                kubernetes: false,
+                allow_unpinned: false,
+                copy: copy.map(String::from),
+                subnet_pool: None,
+            }
+        }
+
+        pub async fn up(&self, recreate: &[&str]) -> Result<Box<LabPlan>, Error> {
+            match klab::usecase::up::up(&self.env, self.request(None, recreate)).await? {
+                UpOutcome::Done { plan, .. } => Ok(plan),
+                UpOutcome::DryRun { .. } => unreachable!("not a dry run"),
+            }
+        }
+
+        pub fn registry(&self) -> klab::registry::Entries {
+            klab::registry::Registry::new(&self.env.paths.data_root)
+                .read()
+                .unwrap()
+        }
+    }
+}
+
+mod on_the_fake {
+    use std::collections::BTreeSet;
+
+    use klab::observed::DomainState;
+    use klab::plan::LabPlan;
+    use klab::render::Templates;
+    use klab::usecase::down::{DownRequest, down};
+    use klab::usecase::snapshot;
+
+    use super::fake_lab::{self, FakeLab, GUEST_CLOCK};
+
+    const LAB: &str = "e2e";
+
+    fn states(w: &FakeLab, plan: &LabPlan) -> Vec<DomainState> {
+        plan.nodes
+            .iter()
+            .map(|n| w.fake.domain(&n.domain).unwrap().state)
+            .collect()
+    }
+
+    fn all_running(w: &FakeLab, plan: &LabPlan) {
+        assert_eq!(
+            states(w, plan),
+            [DomainState::Running; 3],
+            "{:?}",
+            w.fake.calls()
+        );
+    }
+
+    async fn save(w: &FakeLab, name: &str) -> Result<snapshot::SnapshotInfo, klab::usecase::Error> {
+        snapshot::save(&w.env, LAB, name, None, &Templates::builtin().unwrap()).await
+    }
+
+    fn user_error(e: &klab::usecase::Error) -> (String, String) {
+        (e.to_string(), e.hint().unwrap_or_default().to_string())
+    }
+
+    #[tokio::test]
+    async fn snapshot_save_pauses_all_and_a_node_failing_mid_save_rolls_back_and_resumes_all() {
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        let (vm1, vm2) = (&plan.nodes[0].domain, &plan.nodes[1].domain);
+
+        // vm2's snapshot fails: vm1's is deleted again, all three run, nothing is recorded.
+        w.fake.fail_object("create_snapshot", vm2);
+        w.fake.clear_calls();
+        let err = save(&w, "initial").await.unwrap_err();
+        assert!(
+            err.to_string().contains("snapshot `initial` was not taken")
+                && err.to_string().contains("injected failure"),
+            "{err}"
+        );
+        all_running(&w, &plan);
+        assert!(w.fake.snapshot_names(vm1).is_empty());
+        let muts = w.fake.mutations();
+        let suspends = muts
+            .iter()
+            .filter(|c| c.starts_with("suspend_domain"))
+            .count();
+        let resumes = muts
+            .iter()
+            .filter(|c| c.starts_with("resume_domain"))
+            .count();
+        assert_eq!((suspends, resumes), (3, 3), "{muts:?}");
+        // Every node is paused before the first snapshot is taken.
+        let first_snapshot = muts
+            .iter()
+            .position(|c| c.starts_with("create_snapshot"))
+            .unwrap();
+        let last_suspend = muts
+            .iter()
+            .rposition(|c| c.starts_with("suspend_domain"))
+            .unwrap();
+        assert!(last_suspend < first_snapshot, "{muts:?}");
+        assert!(snapshot::list(&w.env, LAB, None).await.unwrap().is_empty());
+
+        // vm3 cannot be paused: the two paused before it run again, no snapshot is taken.
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        w.fake.fail_object("suspend_domain", &plan.nodes[2].domain);
+        assert!(save(&w, "initial").await.is_err());
+        all_running(&w, &plan);
+        assert!(
+            !w.fake
+                .calls()
+                .iter()
+                .any(|c| c.starts_with("create_snapshot"))
+        );
+
+        // A clean save: every node holds it, all run, the record lists the nodes.
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        let info = save(&w, "initial").await.unwrap();
+        assert_eq!(info.nodes, ["vm1", "vm2", "vm3"]);
+        all_running(&w, &plan);
+        for n in &plan.nodes {
+            assert_eq!(w.fake.snapshot_names(&n.domain), ["initial"]);
+        }
+        let (msg, hint) = user_error(&save(&w, "initial").await.unwrap_err());
+        assert!(msg.contains("already has a snapshot `initial`"), "{msg}");
+        assert!(hint.contains("klab snapshot delete e2e initial"), "{hint}");
+    }
+
+    #[tokio::test]
+    async fn snapshot_reset_reverts_every_node_resumes_them_and_sets_the_clocks() {
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        save(&w, "initial").await.unwrap();
+        w.fake.clear_calls();
+        w.dials.lock().unwrap().clear();
+        let out = snapshot::reset(&w.env, LAB, None, None, &w.lab.timeouts)
+            .await
+            .unwrap();
+        assert_eq!(out.snapshot, "initial");
+        assert_eq!(out.kubernetes_ready, None, "a plain VM lab");
+        all_running(&w, &plan);
+        let muts = w.fake.mutations();
+        for n in &plan.nodes {
+            assert!(
+                muts.contains(&format!("revert_snapshot {}", n.domain)),
+                "{muts:?}"
+            );
+            assert!(
+                muts.contains(&format!("resume_domain {}", n.domain)),
+                "{muts:?}"
+            );
+        }
+        // Reverted together, then resumed together.
+        let last_revert = muts
+            .iter()
+            .rposition(|c| c.starts_with("revert_snapshot"))
+            .unwrap();
+        let first_resume = muts
+            .iter()
+            .position(|c| c.starts_with("resume_domain"))
+            .unwrap();
+        assert!(last_revert < first_resume, "{muts:?}");
+        // Each clock was read behind the host's and set.
+        assert_eq!(out.clock_behind.len(), 3);
+        assert!(
+            out.clock_behind.values().all(|b| *b > GUEST_CLOCK),
+            "{:?}",
+            out.clock_behind
+        );
+        assert_eq!(w.dials.lock().unwrap().len(), 3);
+
+        // A snapshot that was never taken: a clear error, nothing touched.
+        let (msg, hint) = user_error(
+            &snapshot::reset(&w.env, LAB, Some("nope"), None, &w.lab.timeouts)
+                .await
+                .unwrap_err(),
+        );
+        assert!(msg.contains("has no snapshot `nope`"), "{msg}");
+        assert!(hint.contains("initial"), "{hint}");
+    }
+
+    #[tokio::test]
+    async fn snapshot_revert_failing_partway_resumes_the_reverted_nodes_and_says_where_each_is() {
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        save(&w, "initial").await.unwrap();
+        w.fake.fail_object("revert_snapshot", &plan.nodes[1].domain);
+        let (msg, hint) = user_error(
+            &snapshot::reset(&w.env, LAB, None, None, &w.lab.timeouts)
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            msg.contains("node vm2 cannot go back to `initial`"),
+            "{msg}"
+        );
+        assert!(msg.contains("running again: vm1"), "{msg}");
+        assert!(msg.contains("not touched: vm3"), "{msg}");
+        assert!(hint.contains("klab reset e2e --to initial"), "{hint}");
+        // vm1 was reverted (left paused by the revert) and is running again.
+        all_running(&w, &plan);
+        assert!(
+            w.fake
+                .calls()
+                .contains(&format!("resume_domain {}", plan.nodes[0].domain))
+        );
+    }
+
+    #[tokio::test]
+    async fn snapshot_records_follow_the_domains_through_down_keep_state_and_rebuilds() {
+        let w = fake_lab::new();
+        let plan = w.up(&[]).await.unwrap();
+        save(&w, "initial").await.unwrap();
+
+        // A node rebuilt from a clean disk lost its half: list says so, reset refuses (naming the
+        // node and the fix) and reverts nothing.
+        let rebuilt = w.up(&["vm2"]).await.unwrap();
+        assert!(w.fake.snapshot_names(&rebuilt.nodes[1].domain).is_empty());
+        let listed = snapshot::list(&w.env, LAB, None).await.unwrap();
+        assert_eq!(listed[0].missing_on, ["vm2"]);
+        assert!(!listed[0].usable());
+        w.fake.clear_calls();
+        let (msg, hint) = user_error(
+            &snapshot::reset(&w.env, LAB, None, None, &w.lab.timeouts)
+                .await
+                .unwrap_err(),
+        );
+        assert!(msg.contains("snapshot `initial` is gone from vm2"), "{msg}");
+        assert!(hint.contains("klab snapshot save e2e initial"), "{hint}");
+        assert!(
+            !w.fake
+                .calls()
+                .iter()
+                .any(|c| c.starts_with("revert_snapshot"))
+        );
+        all_running(&w, &plan);
+
+        // `up` drops the records of rebuilt nodes and the other nodes' halves.
+        let dropped =
+            snapshot::forget_rebuilt(&w.env, LAB, &BTreeSet::from(["vm2".to_string()]), None)
+                .await
+                .unwrap();
+        assert_eq!(dropped, ["initial"]);
+        assert!(snapshot::list(&w.env, LAB, None).await.unwrap().is_empty());
+        for n in &plan.nodes {
+            assert!(w.fake.snapshot_names(&n.domain).is_empty(), "{}", n.name);
+        }
+        // Taken again under the same name.
+        save(&w, "initial").await.unwrap();
+
+        // A stale record (a half removed by hand) is replaced by the next save of that name.
+        assert!(w.fake.drop_snapshot(&plan.nodes[2].domain, "initial"));
+        let info = save(&w, "initial").await.unwrap();
+        assert_eq!(info.nodes.len(), 3);
+        for n in &plan.nodes {
+            assert_eq!(w.fake.snapshot_names(&n.domain), ["initial"], "{}", n.name);
+        }
+
+        // down --keep-state: the domains went with their snapshots, and so do the records.
+        down(
+            &w.env,
+            DownRequest {
+                lab: LAB.into(),
+                connect: None,
+                dry_run: false,
+                keep_state: true,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(snapshot::list(&w.env, LAB, None).await.unwrap().is_empty());
+        let plan = w.up(&[]).await.unwrap();
+        for n in &plan.nodes {
+            assert!(w.fake.snapshot_names(&n.domain).is_empty());
+        }
+        // So `up --snapshot` would take `initial` again, and it can.
+        save(&w, "initial").await.unwrap();
+    }
+}
