@@ -4,6 +4,10 @@
 //! node paused, resumes them together, sets each guest clock to the host's (a cluster whose clock
 //! is in the past rejects certificates), and verifies every node (and, for a provisioned Kubernetes
 //! lab, that every node is Ready) before it reports success.
+//!
+//! The records in `snapshots.json` are never trusted alone: `list`, `reset` and `save` check them
+//! against the snapshots libvirt holds for each node, so a node rebuilt from a clean disk (or a
+//! snapshot removed by hand) shows as missing, with the fix, instead of failing halfway.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
