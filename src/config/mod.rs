@@ -518,7 +518,7 @@ nics = [ { network = "net" } ]
                 .iter()
                 .all(|n| n.cpus == 1 && n.memory_mib == 1024)
         );
-        assert_eq!(lab.timeouts.ssh, std::time::Duration::from_secs(240));
+        assert_eq!(lab.timeouts.ssh, std::time::Duration::from_secs(12 * 60));
     }
 
     #[test]
