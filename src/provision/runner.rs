@@ -7,7 +7,8 @@
 //! markers are filled in from the [`Values`] just before text goes to a node; secrets never reach
 //! an error, an event or a log line (the unsubstituted text is what is shown).
 //!
-//! Not wired into `klab up` yet: the use-case layer (journal, progress, state) calls it.
+//! `klab up` and `klab provision` reach it through the use case (`usecase::provision`), which adds
+//! the journal, progress, node logs and state; this module knows none of those.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -127,6 +128,18 @@ pub struct PhaseReport {
     pub phase: PhaseId,
     pub nodes: Vec<(String, NodeOutcome)>,
     pub elapsed: Duration,
+    /// Commands that exited with one of their warning codes: what the phase did *not* establish.
+    pub warnings: Vec<Warned>,
+}
+
+/// A command that only warned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Warned {
+    pub node: String,
+    /// The command's label.
+    pub command: String,
+    /// The tail of its stderr (secrets redacted): usually why.
+    pub stderr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -245,10 +258,12 @@ impl<'a, R: Remote> Runner<'a, R> {
         let started = Instant::now();
         (self.on_event)(&Event::PhaseStarted { phase: phase.id });
         let mut outcomes = Vec::new();
+        let mut warnings = Vec::new();
         match phase.schedule {
             Schedule::Serial => {
                 for np in &phase.nodes {
-                    let (outcome, captured) = self.run_node(phase, np, values).await?;
+                    let (outcome, mut captured) = self.run_node(phase, np, values).await?;
+                    warnings.append(&mut captured.warned);
                     merge(values, &np.node, captured);
                     outcomes.push((np.node.clone(), outcome));
                 }
@@ -264,7 +279,8 @@ impl<'a, R: Remote> Runner<'a, R> {
                 let mut captured_all = Vec::new();
                 for (np, r) in results {
                     match r {
-                        Ok((outcome, captured)) => {
+                        Ok((outcome, mut captured)) => {
+                            warnings.append(&mut captured.warned);
                             captured_all.push((np.node.clone(), captured));
                             outcomes.push((np.node.clone(), outcome));
                         }
@@ -286,6 +302,7 @@ impl<'a, R: Remote> Runner<'a, R> {
             phase: phase.id,
             nodes: outcomes,
             elapsed: started.elapsed(),
+            warnings,
         })
     }
 
@@ -358,8 +375,14 @@ impl<'a, R: Remote> Runner<'a, R> {
                         node: node.to_string(),
                         what: c.name.clone(),
                     });
+                    tracing::debug!(node, phase = pid.as_str(), op = %c.name, "run");
                     let (stdout, warned) = ctx.run_command(c).await?;
-                    if warned {
+                    if let Some(stderr) = warned {
+                        captured.warned.push(Warned {
+                            node: node.to_string(),
+                            command: c.name.clone(),
+                            stderr,
+                        });
                         (self.on_event)(&Event::Warning {
                             phase: pid,
                             node: node.to_string(),
@@ -403,11 +426,12 @@ impl<'a, R: Remote> Runner<'a, R> {
     }
 }
 
-/// What one node's phase captured.
+/// What one node's phase captured (and which of its commands only warned).
 #[derive(Debug, Default)]
 struct Captured {
     node: BTreeMap<String, Val>,
     cluster: BTreeMap<String, Val>,
+    warned: Vec<Warned>,
 }
 
 fn merge(values: &mut Values, node: &str, c: Captured) {
@@ -664,8 +688,8 @@ impl<R: Remote> NodeCtx<'_, R> {
         }
     }
 
-    /// (stdout, warned).
-    async fn run_command(&self, c: &CommandOp) -> Result<(String, bool), RunError> {
+    /// (stdout, `Some(stderr tail)` when it exited with a warning code).
+    async fn run_command(&self, c: &CommandOp) -> Result<(String, Option<String>), RunError> {
         let script = self.fill(&c.run)?;
         let hint = c.hint.as_deref().unwrap_or(GENERIC_HINT);
         let out = self
@@ -680,15 +704,31 @@ impl<R: Remote> NodeCtx<'_, R> {
                         command: c.name.clone(),
                         after,
                     },
+                    RemoteError::Protocol { node, message } => RemoteError::Protocol {
+                        node,
+                        message: self.redact(&message),
+                    },
+                    RemoteError::Failed {
+                        node,
+                        status,
+                        stderr,
+                        ..
+                    } => RemoteError::Failed {
+                        node,
+                        command: c.name.clone(),
+                        status,
+                        stderr: self.redact(&stderr),
+                    },
                     other => other,
                 };
                 self.remote_error(format!("`{}`", c.name), e, Some(hint))
             })?;
         if c.ok_exit.contains(&out.exit_status) {
-            return Ok((out.stdout, false));
+            return Ok((out.stdout, None));
         }
         if c.warn_exit.contains(&out.exit_status) {
-            return Ok((out.stdout, true));
+            let stderr = self.redact(stderr_tail(&out.stderr).trim());
+            return Ok((out.stdout, Some(stderr)));
         }
         Err(RunError::Failed {
             node: self.node.to_string(),
@@ -1000,10 +1040,19 @@ mod tests {
         let record = |e: &Event| events.lock().unwrap().push(e.clone());
         let mut values = Values::default();
         values.set_public("kubernetes-version", "1.36.4");
-        Runner::new(&r, 1, &record)
+        let report = Runner::new(&r, 1, &record)
             .run_phase(&ph, &mut values)
             .await
             .unwrap();
+        // The report keeps what only warned, so nobody calls it established.
+        assert_eq!(
+            report.warnings,
+            [Warned {
+                node: "cp1".into(),
+                command: "clock".into(),
+                stderr: String::new(),
+            }]
+        );
         // The recorded version is not resolved again.
         assert_eq!(execs(&r["cp1"]).len(), 1);
         assert!(events.lock().unwrap().contains(&Event::Warning {

@@ -489,6 +489,20 @@ impl SshSession {
     }
 }
 
+/// The debug line for one command. Never the command itself: once its `${klab:…}` markers are
+/// filled in it may hold the bootstrap token, the certificate key or a kubeconfig (`klab -vv` would
+/// print them). The runner logs the op's label and the use case the redacted command instead.
+fn exec_log_line(command: &str, stdin: Option<&[u8]>) -> String {
+    match stdin {
+        Some(data) => format!(
+            "exec: a command of {} bytes, {} bytes on stdin",
+            command.len(),
+            data.len()
+        ),
+        None => format!("exec: a command of {} bytes", command.len()),
+    }
+}
+
 impl Remote for SshSession {
     fn node(&self) -> &str {
         &self.node
@@ -500,7 +514,7 @@ impl Remote for SshSession {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<CommandOutput, RemoteError> {
-        tracing::debug!(node = %self.node, command, "exec");
+        tracing::debug!(node = %self.node, "{}", exec_log_line(command, stdin));
         self.run(command, stdin, timeout).await
     }
 
@@ -587,6 +601,21 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RemoteError::InvalidKey { .. }), "{err}");
         assert!(deadline_after(Instant::now(), Duration::MAX) > Instant::now());
+    }
+
+    #[test]
+    fn the_exec_debug_line_never_holds_the_command() {
+        let token = "abcdef.0123456789abcdef";
+        let command = format!(
+            "sudo -n sh -c 't={token}\nkubeadm token list | grep -qx \"$t\" || kubeadm token create \"$t\"'"
+        );
+        let line = exec_log_line(&command, None);
+        assert!(!line.contains(token), "{line}");
+        assert!(!line.contains("kubeadm"), "{line}");
+        assert_eq!(line, format!("exec: a command of {} bytes", command.len()));
+        let with_input = exec_log_line(&command, Some(token.as_bytes()));
+        assert!(!with_input.contains(token), "{with_input}");
+        assert!(with_input.ends_with(", 23 bytes on stdin"), "{with_input}");
     }
 
     #[test]
