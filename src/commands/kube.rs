@@ -58,6 +58,7 @@ pub fn cluster_json(plan: &LabPlan, o: &ProvisionOutcome) -> serde_json::Value {
         "phases": o.phases,
         "seconds": o.seconds,
         "overhead": o.overhead,
+        "verification": o.verification,
     })
 }
 
@@ -119,9 +120,9 @@ pub fn cluster_summary(p: &Printer, plan: &LabPlan, o: &ProvisionOutcome) {
                 ov.commands
             ));
         }
-        p.note(
-            "pinning verified: every node's InternalIP and calico-node address is on the cluster network",
-        );
+    }
+    for line in verification_lines(o) {
+        p.note(line);
     }
     if let Some(why) = &o.unreachable {
         p.note(format!("note: {why}"));
@@ -133,6 +134,26 @@ pub fn cluster_summary(p: &Printer, plan: &LabPlan, o: &ProvisionOutcome) {
             plan.lab
         ));
     }
+}
+
+/// What the verify phase established on this run, and what it did not: never "verified" for a
+/// check that only warned.
+fn verification_lines(o: &ProvisionOutcome) -> Vec<String> {
+    let Some(v) = &o.verification else {
+        return if o.changed {
+            vec!["not verified on this run: the verify phase did not run".to_string()]
+        } else {
+            Vec::new()
+        };
+    };
+    let mut out = Vec::new();
+    if !v.verified.is_empty() {
+        out.push(format!("verified: {}", v.verified.join("; ")));
+    }
+    for u in &v.not_verified {
+        out.push(format!("NOT verified: {}: {}", u.check, u.why));
+    }
+    out
 }
 
 pub fn kubeconfig(p: &Printer, args: &KubeconfigArgs) -> Result<(), CmdError> {
@@ -251,5 +272,61 @@ pub fn forget_merged(lab: &str) -> Option<String> {
             "warning: {}: {e}; the lab's context (if any) was left there",
             target.display()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usecase::provision::{Unverified, Verification};
+
+    fn outcome(verification: Option<Box<Verification>>) -> ProvisionOutcome {
+        ProvisionOutcome {
+            changed: true,
+            kubernetes_version: Some("1.36.4".into()),
+            endpoint: "10.0.0.11:6443".into(),
+            kubeconfig: None,
+            unreachable: None,
+            phases: Vec::new(),
+            seconds: 1.0,
+            overhead: None,
+            verification,
+        }
+    }
+
+    #[test]
+    fn a_check_that_only_warned_is_not_called_verified() {
+        let o = outcome(Some(Box::new(Verification {
+            verified: vec![
+                "node InternalIPs on the cluster network".into(),
+                "calico-node addresses on the cluster network".into(),
+            ],
+            not_verified: vec![Unverified {
+                check: "a pod on another node answers through the pod network".into(),
+                why: "no CoreDNS pod runs on another node than cp1".into(),
+            }],
+        })));
+        assert_eq!(
+            verification_lines(&o),
+            [
+                "verified: node InternalIPs on the cluster network; calico-node addresses on the cluster network",
+                "NOT verified: a pod on another node answers through the pod network: no CoreDNS pod runs on another node than cp1",
+            ]
+        );
+        let text = verification_lines(&o).join("\n");
+        assert!(!text.contains("pinning verified"), "{text}");
+    }
+
+    #[test]
+    fn no_verify_run_claims_nothing() {
+        assert_eq!(
+            verification_lines(&outcome(None)),
+            ["not verified on this run: the verify phase did not run"]
+        );
+        let unchanged = ProvisionOutcome {
+            changed: false,
+            ..outcome(None)
+        };
+        assert!(verification_lines(&unchanged).is_empty());
     }
 }

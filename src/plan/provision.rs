@@ -770,11 +770,14 @@ fn package_repo(c: &Ctx<'_>) -> Phase {
 
 const RESOLVE_APT: &str = r#"
 v=$(apt-cache madison kubeadm | awk '{print $3}' | sed 's/-.*//' | sort -V | tail -n 1)
+# A built cluster keeps its patch: nodes added later install what the first control plane runs.
+if [ -f /etc/kubernetes/admin.conf ] && command -v kubeadm >/dev/null; then v=$(kubeadm version -o short); v=${v#v}; fi
 test -n "$v" || { echo "the repository has no kubeadm package" >&2; exit 1; }
 echo "kubernetes-version=$v"
 "#;
 const RESOLVE_DNF: &str = r#"
 v=$(dnf -q list --showduplicates --disableexcludes=kubernetes kubeadm | awk '$1 ~ /^kubeadm/ {print $2}' | sed 's/-.*//' | sort -V | tail -n 1)
+if [ -f /etc/kubernetes/admin.conf ] && command -v kubeadm >/dev/null; then v=$(kubeadm version -o short); v=${v#v}; fi
 test -n "$v" || { echo "the repository has no kubeadm package" >&2; exit 1; }
 echo "kubernetes-version=$v"
 "#;
@@ -801,7 +804,7 @@ fn resolve_version(c: &Ctx<'_>) -> Phase {
     ];
     phase(
         PhaseId::ResolveVersion,
-        "resolve the newest patch once, on the first control plane; every node installs that one",
+        "resolve the newest patch once, on the first control plane (a built cluster keeps the one it runs); every node installs that one",
         Schedule::Serial,
         vec![NodePhase {
             node: c.k.init_node.clone(),
@@ -1058,6 +1061,47 @@ fn join_credentials(c: &Ctx<'_>) -> Phase {
     )
 }
 
+/// `klab ssh NODE -- sudo kubeadm reset -f`, then the phase again for that node alone. Hints write
+/// `klab provision LAB`; the use case puts the lab's name in.
+fn rejoin_hint(node: &str, phase: PhaseId) -> String {
+    format!(
+        "run `kubeadm reset -f` on {node} (`klab ssh {node} -- sudo kubeadm reset -f`), then `klab provision LAB --from {} --node {node}`",
+        phase.as_str()
+    )
+}
+
+/// The command that lists a lab's hints write for the lab's name (the use case fills it in).
+pub const LAB_IN_HINTS: &str = "klab provision LAB ";
+
+/// `check` up to `tries` times, 2 s apart: a probe that waits out a server restarting.
+fn retried(check: &str, tries: u32) -> String {
+    format!("for i in $(seq 1 {tries}); do\n  {check} && exit 0\n  sleep 2\ndone\nexit 1")
+}
+
+/// A node with kubeadm's files whose probe did not hold was joined half-way: say so and how to
+/// fix it, instead of a `kubeadm join` that fails on the leftovers.
+fn not_half_joined(node: &str, files: &[&str], why: &str, phase: PhaseId) -> Op {
+    let test = files
+        .iter()
+        .map(|f| format!("[ -e {f} ]"))
+        .collect::<Vec<_>>()
+        .join(" || ");
+    run(cmd(
+        "no earlier join left half-done",
+        &format!(
+            "if {test}; then\n  echo {} >&2\n  exit 1\nfi",
+            sh_quote(&format!(
+                "{node} was joined before but {why}: an earlier join did not finish"
+            ))
+        ),
+        QUICK,
+    )
+    .hint(&rejoin_hint(node, phase)))
+}
+
+const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
+const APISERVER_MANIFEST: &str = "/etc/kubernetes/manifests/kube-apiserver.yaml";
+
 fn join_control_plane(c: &Ctx<'_>) -> Phase {
     let long = c.t.command.as_secs();
     let others: Vec<String> =
@@ -1075,25 +1119,38 @@ fn join_control_plane(c: &Ctx<'_>) -> Phase {
                 .find(|n| &n.name == name)
                 .map(|n| n.cluster_ip.to_string())
                 .unwrap_or_default();
-            let healthy = format!(
-                "for i in $(seq 1 150); do\n  \
-                 {kc} --server https://{ip}:{port} get --raw='/readyz?verbose' 2>/dev/null | grep -q '^\\[+\\]etcd ok' && exit 0\n  \
-                 sleep 2\ndone\necho \"the API server on {ip} is not ready (etcd member not healthy)\" >&2\nexit 1",
+            // What the join waits on: this node's API server ready with its etcd member healthy.
+            let etcd_ok = format!(
+                "{kc} --server https://{ip}:{port} --request-timeout=5s get --raw='/readyz?verbose' 2>/dev/null | grep -q '^\\[+\\]etcd ok'",
                 kc = c.kubectl(),
                 port = super::API_PORT
             );
+            let healthy = format!(
+                "for i in $(seq 1 150); do\n  \
+                 {etcd_ok} && exit 0\n  \
+                 sleep 2\ndone\necho \"the API server on {ip} is not ready (etcd member not healthy)\" >&2\nexit 1"
+            );
+            // Joined means kubeadm's files *and* the health the join waits on: a join that died
+            // at its etcd step leaves the files behind.
+            let joined = format!(
+                "test -f {KUBELET_CONF} && test -f {APISERVER_MANIFEST} || exit 1\n{}",
+                retried(&etcd_ok, 6)
+            );
             NodePhase {
                 node: name.clone(),
-                probe: probe(
-                    false,
-                    Some("test -f /etc/kubernetes/kubelet.conf && test -f /etc/kubernetes/manifests/kube-apiserver.yaml"),
-                ),
+                probe: probe(false, Some(&joined)),
                 ops: vec![
+                    not_half_joined(
+                        name,
+                        &[KUBELET_CONF, APISERVER_MANIFEST],
+                        &format!("its API server on {ip} is not ready with a healthy etcd member"),
+                        PhaseId::JoinControlPlane,
+                    ),
                     put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
                     run(cmd("kubeadm join (control plane)", &format!("kubeadm join --config {JOIN_CONFIG}"), long)
-                        .hint("`kubeadm reset -f` on the node, then `klab up` again; etcd admits one new member at a time")),
+                        .hint(&format!("{}; etcd admits one new member at a time", rejoin_hint(name, PhaseId::JoinControlPlane)))),
                     run(cmd("its API server and etcd member are healthy", &healthy, 330)
-                        .hint("`crictl ps -a` and `crictl logs` of etcd and kube-apiserver on the node")),
+                        .hint(&format!("`crictl ps -a` and `crictl logs` of etcd and kube-apiserver on {name}; if it stays unhealthy, {}", rejoin_hint(name, PhaseId::JoinControlPlane)))),
                 ],
             }
         })
@@ -1112,18 +1169,38 @@ fn join_workers(c: &Ctx<'_>) -> Phase {
         PhaseId::JoinWorkers,
         "join the workers (in parallel)",
         Schedule::Parallel,
-        each(&c.k.workers, |n| NodePhase {
-            node: n.to_string(),
-            probe: probe(false, Some("test -f /etc/kubernetes/kubelet.conf")),
-            ops: vec![
-                put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
-                run(cmd(
-                    "kubeadm join",
-                    &format!("kubeadm join --config {JOIN_CONFIG}"),
-                    long,
-                )
-                .hint("`kubeadm reset -f` on the node, then `klab up` again")),
-            ],
+        each(&c.k.workers, |n| {
+            // Joined means a kubelet.conf *and* a Node the cluster lists (read with the kubelet's
+            // own credentials: the node authorizer lets a node get its Node).
+            let registered = format!(
+                "kubectl --kubeconfig {KUBELET_CONF} --request-timeout=5s get node {} >/dev/null 2>&1",
+                sh_quote(n)
+            );
+            NodePhase {
+                node: n.to_string(),
+                probe: probe(
+                    false,
+                    Some(&format!(
+                        "test -f {KUBELET_CONF} || exit 1\n{}",
+                        retried(&registered, 4)
+                    )),
+                ),
+                ops: vec![
+                    not_half_joined(
+                        n,
+                        &[KUBELET_CONF],
+                        "the cluster has no Node of that name",
+                        PhaseId::JoinWorkers,
+                    ),
+                    put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
+                    run(cmd(
+                        "kubeadm join",
+                        &format!("kubeadm join --config {JOIN_CONFIG}"),
+                        long,
+                    )
+                    .hint(&rejoin_hint(n, PhaseId::JoinWorkers))),
+                ],
+            }
         }),
     )
 }
@@ -1168,10 +1245,22 @@ fn wait_ready(c: &Ctx<'_>) -> Phase {
     let kc = c.kubectl();
     let secs = c.t.nodes_ready.as_secs().max(1);
     let n = c.nodes.len();
+    let want: Vec<String> = c.nodes.iter().map(|x| sh_quote(&x.name)).collect();
     let registered = format!(
-        "for i in $(seq 1 {tries}); do\n  test \"$({kc} get nodes --no-headers 2>/dev/null | wc -l)\" -ge {n} && exit 0\n  sleep 5\ndone\n\
-         echo \"only $({kc} get nodes --no-headers 2>/dev/null | wc -l) of {n} nodes registered\" >&2\nexit 1",
-        tries = secs.div_ceil(5)
+        "for i in $(seq 1 {tries}); do\n  \
+         have=$({kc} get nodes -o jsonpath='{{range .items[*]}}{{.metadata.name}}{{\"\\n\"}}{{end}}' 2>/dev/null)\n  \
+         missing=''\n  \
+         for n in {want}; do printf '%s\\n' \"$have\" | grep -qx \"$n\" || missing=\"$missing $n\"; done\n  \
+         test -z \"$missing\" && exit 0\n  \
+         sleep 5\ndone\n\
+         echo \"not registered as Nodes after {secs}s:$missing\" >&2\nexit 1",
+        tries = secs.div_ceil(5),
+        want = want.join(" ")
+    );
+    // `kubectl wait` names only the first node it gave up on: list every node that is not Ready.
+    let ready = format!(
+        "{kc} wait --for=condition=Ready node --all --timeout={secs}s >/dev/null && exit 0\n\
+         echo \"not Ready after {secs}s:$({kc} get nodes -o jsonpath='{{range .items[*]}}{{.metadata.name}}={{.status.conditions[?(@.type==\"Ready\")].status}}{{\"\\n\"}}{{end}}' | awk -F= '$2 != \"True\" {{printf \" %s\", $1}}')\" >&2\nexit 1"
     );
     phase(
         PhaseId::WaitReady,
@@ -1182,9 +1271,9 @@ fn wait_ready(c: &Ctx<'_>) -> Phase {
             probe: None,
             ops: vec![
                 run(cmd(&format!("{n} nodes registered"), &registered, secs + 30)
-                    .hint("a node did not register: `journalctl -u kubelet` on it")),
-                run(cmd("every node Ready", &format!("{kc} wait --for=condition=Ready node --all --timeout={secs}s >/dev/null"), secs + 30)
-                    .hint("`kubectl describe node` shows why; usually the CNI (calico-node pods) is not up yet")),
+                    .hint("the nodes named did not register: `journalctl -u kubelet` on each")),
+                run(cmd("every node Ready", &ready, secs + 60)
+                    .hint("`kubectl describe node NODE` for the nodes named shows why; usually the CNI (calico-node pods) is not up yet")),
                 run(cmd("CoreDNS available", &format!("{kc} -n kube-system rollout status deployment/coredns --timeout={secs}s >/dev/null"), secs + 30)
                     .hint("`kubectl -n kube-system get pods -l k8s-app=kube-dns -o wide`")),
             ],
@@ -1275,7 +1364,7 @@ exit 1"#
                     .hint("calico-node picked another address: IP_AUTODETECTION_METHOD of the calico-node DaemonSet")),
                 run(CommandOp {
                     warn_exit: vec![2],
-                    ..cmd("this node reaches a pod on another node through the pod network", &pod_reach, QUICK)
+                    ..cmd("a pod on another node answers through the pod network", &pod_reach, QUICK)
                         .hint("Calico's routes or encapsulation between the nodes: `kubectl -n kube-system logs ds/calico-node`; the cluster network must pass VXLAN (UDP 4789) or IP-in-IP. Exit 2: no CoreDNS pod runs on another node, so nothing was checked")
                 }),
             ],
@@ -1288,36 +1377,87 @@ exit 1"#
 pub const NODE_NAMES: &str = "kubectl --kubeconfig /etc/kubernetes/admin.conf get nodes -o jsonpath='{range .items[*]}{.metadata.name}{\"\\n\"}{end}'";
 
 /// What klab runs when a node leaves the cluster (it left the lab file, or `--recreate` rebuilds
-/// it): on the node itself while it still runs, `kubeadm reset` (a control plane's etcd member goes
-/// with it); then, on the first control plane, drain and delete its Node object, so a rebuilt node
-/// of the same name can join again.
-pub fn leave_ops(node: &str, timeout: Duration) -> (CommandOp, Vec<CommandOp>) {
+/// it), in this order:
+/// 1. `drain`, on the first control plane, while the node still runs (its kubelet confirms the
+///    pods' end; drained after a reset, the pods would hang in Terminating);
+/// 2. `reset`, on the node: `kubeadm reset -f` (a control plane's etcd member goes with it);
+/// 3. `remove_member` (control planes only), on the first control plane: its etcd member, when
+///    the reset did not take it along — a node that does not answer is not reset at all;
+/// 4. `delete`, on the first control plane: its Node object, so a rebuilt node of the same name
+///    can join again (the pod garbage collector removes pods still bound to it).
+///
+/// A node that does not answer over SSH gets only 3 and 4: a drain would wait for a kubelet that
+/// is gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaveOps {
+    pub drain: CommandOp,
+    pub reset: CommandOp,
+    pub remove_member: Option<CommandOp>,
+    pub delete: CommandOp,
+}
+
+/// `etcdctl` inside the etcd static pod of `survivor` (a control plane that stays), with kubeadm's
+/// certificates.
+fn etcdctl(survivor: &str) -> String {
+    format!(
+        "kubectl --kubeconfig {ADMIN_CONF} -n kube-system exec {} -- etcdctl --endpoints=https://127.0.0.1:2379 \
+         --cacert=/etc/kubernetes/pki/etcd/ca.crt --cert=/etc/kubernetes/pki/etcd/server.crt --key=/etc/kubernetes/pki/etcd/server.key",
+        sh_quote(&format!("etcd-{survivor}"))
+    )
+}
+
+/// The commands that take `node` out of the cluster; `survivor` is the first control plane (it
+/// never leaves), where the cluster-side commands run.
+pub fn leave_ops(node: &str, control_plane: bool, survivor: &str, timeout: Duration) -> LeaveOps {
     let kc = format!("kubectl --kubeconfig {ADMIN_CONF}");
     let n = sh_quote(node);
     let secs = timeout.as_secs().max(30);
+    let drain = cmd(
+        &format!("drain {node}"),
+        &format!(
+            "if {kc} get node {n} >/dev/null 2>&1; then\n  {kc} drain {n} --ignore-daemonsets --delete-emptydir-data --force --timeout={secs}s\nfi"
+        ),
+        secs + 30,
+    )
+    .hint(&format!(
+        "`kubectl get pods -A -o wide --field-selector spec.nodeName={node}` on the first control plane shows what does not leave (a PodDisruptionBudget?); {node} is cordoned and otherwise untouched"
+    ));
     let reset = cmd(
-        "kubeadm reset (leaves etcd when it is a control plane)",
+        &format!("kubeadm reset on {node}"),
         "if [ -f /etc/kubernetes/kubelet.conf ]; then kubeadm reset -f; fi",
         secs,
     )
-    .hint("run `kubeadm reset -f` on the node by hand (`klab ssh NODE`), then `klab up` again");
-    let drain = CommandOp {
-        ok_exit: vec![0],
-        ..cmd(
-            &format!("drain {node}"),
+    .hint(&format!(
+        "run `kubeadm reset -f` on {node} by hand (`klab ssh {node} -- sudo kubeadm reset -f`)"
+    ));
+    let remove_member = control_plane.then(|| {
+        let etcdctl = etcdctl(survivor);
+        // `member list`: `ID, started, NAME, peer URLs, client URLs, is learner`.
+        cmd(
+            &format!("remove the etcd member of {node}"),
             &format!(
-                "if {kc} get node {n} >/dev/null 2>&1; then\n  {kc} drain {n} --ignore-daemonsets --delete-emptydir-data --force --timeout={secs}s\nfi"
+                "list=$({etcdctl} member list) || exit 1\n\
+                 id=$(printf '%s\\n' \"$list\" | awk -F', ' -v n={n} '$3 == n {{print $1}}')\n\
+                 if [ -z \"$id\" ]; then echo \"no etcd member named {node}: nothing to remove\"; exit 0; fi\n\
+                 {etcdctl} member remove \"$id\""
             ),
-            secs + 30,
+            QUICK,
         )
-        .hint("`kubectl get pods -A -o wide` on the first control plane shows what does not leave")
-    };
+        .hint(&format!(
+            "remove it by hand on {survivor}: `{etcdctl} member list`, then `member remove ID` of the member named {node}"
+        ))
+    });
     let delete = cmd(
         &format!("delete node {node}"),
         &format!("{kc} delete node {n} --ignore-not-found"),
         QUICK,
     );
-    (reset, vec![drain, delete])
+    LeaveOps {
+        drain,
+        reset,
+        remove_member,
+        delete,
+    }
 }
 
 #[cfg(test)]
@@ -1325,16 +1465,228 @@ mod tests {
     use super::*;
 
     #[test]
-    fn leaving_resets_the_node_then_drains_and_deletes_it() {
-        let (reset, init) = leave_ops("w2", Duration::from_secs(120));
-        assert!(reset.run.contains("kubeadm reset -f"));
-        assert_eq!(init.len(), 2);
-        assert!(init[0].run.contains("drain w2 --ignore-daemonsets"));
-        assert!(init[0].run.contains("--timeout=120s"));
+    fn leaving_drains_first_then_resets_and_deletes() {
+        let ops = leave_ops("w2", false, "cp1", Duration::from_secs(120));
+        assert!(
+            ops.drain.run.contains(
+                "drain w2 --ignore-daemonsets --delete-emptydir-data --force --timeout=120s"
+            ),
+            "{}",
+            ops.drain.run
+        );
+        assert!(ops.drain.run.starts_with(
+            "if kubectl --kubeconfig /etc/kubernetes/admin.conf get node w2 >/dev/null 2>&1; then"
+        ));
+        assert!(ops.drain.timeout_secs > 120);
+        assert!(ops.reset.run.contains("kubeadm reset -f"));
+        assert!(!ops.reset.run.contains("drain"));
+        assert!(
+            ops.reset
+                .hint
+                .as_deref()
+                .is_some_and(|h| h.contains("klab ssh w2 -- sudo kubeadm reset -f"))
+        );
+        assert_eq!(ops.remove_member, None, "a worker has no etcd member");
         assert_eq!(
-            init[1].run,
+            ops.delete.run,
             "kubectl --kubeconfig /etc/kubernetes/admin.conf delete node w2 --ignore-not-found"
         );
+    }
+
+    #[test]
+    fn a_leaving_control_plane_loses_its_etcd_member_by_name_on_the_survivor() {
+        let ops = leave_ops("cp3", true, "cp1", Duration::from_secs(10));
+        assert!(ops.drain.run.contains("--timeout=30s"), "at least 30 s");
+        let rm = ops
+            .remove_member
+            .expect("a control plane has an etcd member");
+        let etcdctl = "kubectl --kubeconfig /etc/kubernetes/admin.conf -n kube-system exec etcd-cp1 -- etcdctl \
+                       --endpoints=https://127.0.0.1:2379 --cacert=/etc/kubernetes/pki/etcd/ca.crt \
+                       --cert=/etc/kubernetes/pki/etcd/server.crt --key=/etc/kubernetes/pki/etcd/server.key";
+        assert!(
+            rm.run
+                .starts_with(&format!("list=$({etcdctl} member list) || exit 1\n")),
+            "{}",
+            rm.run
+        );
+        assert!(rm.run.contains("awk -F', ' -v n=cp3 '$3 == n {print $1}'"));
+        assert!(
+            rm.run
+                .ends_with(&format!("{etcdctl} member remove \"$id\""))
+        );
+        // Gone already (the reset took it along): nothing to remove is success.
+        assert!(rm.run.contains("nothing to remove\"; exit 0; fi"));
+    }
+
+    #[test]
+    fn member_removal_finds_the_member_by_name() {
+        // The member-list parsing of the removal script, run by a real shell on etcdctl's format.
+        let rm = leave_ops("cp3", true, "cp1", Duration::from_secs(60))
+            .remove_member
+            .unwrap();
+        let pick = rm
+            .run
+            .lines()
+            .find(|l| l.starts_with("id="))
+            .unwrap()
+            .to_string();
+        let list = "8e9e05c52164694d, started, cp1, https://10.0.0.11:2380, https://10.0.0.11:2379, false\n\
+                    91bc3c398fb3c146, started, cp3, https://10.0.0.13:2380, https://10.0.0.13:2379, false\n\
+                    fd422379fda50e48, started, cp30, https://10.0.0.30:2380, https://10.0.0.30:2379, false\n";
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{pick}\nprintf '%s' \"$id\""))
+            .env("list", list)
+            .output()
+            .expect("sh runs");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "91bc3c398fb3c146");
+    }
+
+    fn ha() -> ProvisionPlan {
+        let lab = crate::plan::fixtures::ha_lab();
+        crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name))
+            .kubernetes
+            .expect("the HA fixture has [kubernetes]")
+            .provision
+    }
+
+    fn run_ops(np: &NodePhase) -> Vec<&CommandOp> {
+        np.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Run(c) => Some(c),
+                Op::File(_) => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_control_plane_counts_as_joined_only_with_a_healthy_etcd_member() {
+        let p = ha();
+        let np = p
+            .phase(PhaseId::JoinControlPlane)
+            .unwrap()
+            .node("cp2")
+            .unwrap();
+        let probe = np
+            .probe
+            .as_ref()
+            .and_then(|p| p.command.as_deref())
+            .unwrap();
+        assert!(probe.starts_with(
+            "test -f /etc/kubernetes/kubelet.conf && test -f /etc/kubernetes/manifests/kube-apiserver.yaml || exit 1\n"
+        ));
+        // The same check the join's health step waits on, against this node's own API server.
+        let ops = run_ops(np);
+        let health = ops
+            .iter()
+            .find(|c| c.name == "its API server and etcd member are healthy")
+            .unwrap();
+        let etcd_ok = "get --raw='/readyz?verbose' 2>/dev/null | grep -q '^\\[+\\]etcd ok'";
+        assert!(
+            probe.contains(etcd_ok) && health.run.contains(etcd_ok),
+            "{probe}"
+        );
+        assert!(
+            probe.contains("--server https://10.10.1.11:6443"),
+            "{probe}"
+        );
+        // The files without the health: a half-done join, named with the fix.
+        assert_eq!(ops[0].name, "no earlier join left half-done");
+        assert!(ops[0].run.starts_with(
+            "if [ -e /etc/kubernetes/kubelet.conf ] || [ -e /etc/kubernetes/manifests/kube-apiserver.yaml ]; then"
+        ));
+        assert!(
+            ops[0]
+                .run
+                .contains("cp2 was joined before but its API server on 10.10.1.11")
+        );
+        assert_eq!(
+            ops[0].hint.as_deref(),
+            Some(
+                "run `kubeadm reset -f` on cp2 (`klab ssh cp2 -- sudo kubeadm reset -f`), then `klab provision LAB --from join-control-plane --node cp2`"
+            )
+        );
+        assert_eq!(ops[1].name, "kubeadm join (control plane)");
+    }
+
+    #[test]
+    fn a_worker_counts_as_joined_only_when_its_node_is_registered() {
+        let p = ha();
+        let np = p.phase(PhaseId::JoinWorkers).unwrap().node("w1").unwrap();
+        let probe = np
+            .probe
+            .as_ref()
+            .and_then(|p| p.command.as_deref())
+            .unwrap();
+        assert!(probe.starts_with("test -f /etc/kubernetes/kubelet.conf || exit 1\n"));
+        assert!(probe.contains(
+            "kubectl --kubeconfig /etc/kubernetes/kubelet.conf --request-timeout=5s get node w1 >/dev/null 2>&1 && exit 0"
+        ));
+        let ops = run_ops(np);
+        assert_eq!(ops[0].name, "no earlier join left half-done");
+        assert!(ops[0].run.contains("the cluster has no Node of that name"));
+        assert!(
+            ops[0]
+                .hint
+                .as_deref()
+                .is_some_and(|h| h.ends_with("`klab provision LAB --from join-workers --node w1`"))
+        );
+        // `LAB` is what the use case replaces.
+        assert!(ops[0].hint.as_deref().unwrap().contains(LAB_IN_HINTS));
+    }
+
+    /// Runs `script` with `sh`, `kubectl` a stand-in that prints `nodes` for a jsonpath listing
+    /// and fails `wait`; returns (exit status, stderr).
+    fn with_fake_kubectl(script: &str, nodes: &str) -> (i32, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("kubectl");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = wait ] && exit 1; done\nprintf '{}'\n",
+                nodes.replace('\n', "\\n")
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script.replace("sleep 5", ":"))
+            .env(
+                "PATH",
+                format!(
+                    "{}:{}",
+                    dir.path().display(),
+                    std::env::var("PATH").unwrap_or_default()
+                ),
+            )
+            .output()
+            .expect("sh runs");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn wait_ready_names_the_nodes_that_are_missing_or_not_ready() {
+        let p = ha();
+        let ops = run_ops(&p.phase(PhaseId::WaitReady).unwrap().nodes[0]);
+        let registered = ops
+            .iter()
+            .find(|c| c.name.ends_with("nodes registered"))
+            .unwrap();
+        let (code, err) = with_fake_kubectl(&registered.run, "cp1\ncp2\nw1\n");
+        assert_eq!(code, 1);
+        assert!(err.starts_with("not registered as Nodes after "), "{err}");
+        assert!(err.trim_end().ends_with(": cp3 w2"), "{err}");
+        let ready = ops.iter().find(|c| c.name == "every node Ready").unwrap();
+        let (code, err) =
+            with_fake_kubectl(&ready.run, "cp1=True\ncp2=False\nw1=Unknown\nw2=True\n");
+        assert_eq!(code, 1);
+        assert!(err.trim_end().ends_with(": cp2 w1"), "{err}");
     }
 
     #[test]

@@ -90,6 +90,50 @@ pub struct ProvisionOutcome {
     pub seconds: f64,
     /// What klab itself added to the phases' time (absent when nothing ran).
     pub overhead: Option<Overhead>,
+    /// What the `verify` phase established on this run (absent when it did not run). Boxed: the
+    /// outcome travels inside `klab up`'s.
+    pub verification: Option<Box<Verification>>,
+}
+
+/// The `verify` phase's checks, by label: those that passed and those that could not decide.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    pub verified: Vec<String>,
+    pub not_verified: Vec<Unverified>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Unverified {
+    pub check: String,
+    /// What the check said (its stderr), else its hint.
+    pub why: String,
+}
+
+/// Every command of the verify phase that ran is verified unless it only warned.
+fn verification(phase: &Phase, warnings: &[crate::provision::runner::Warned]) -> Verification {
+    let mut v = Verification::default();
+    for np in &phase.nodes {
+        for op in &np.ops {
+            let crate::plan::provision::Op::Run(c) = op else {
+                continue;
+            };
+            match warnings
+                .iter()
+                .find(|w| w.node == np.node && w.command == c.name)
+            {
+                Some(w) => v.not_verified.push(Unverified {
+                    check: c.name.clone(),
+                    why: if w.stderr.trim().is_empty() {
+                        c.hint.clone().unwrap_or_else(|| "it only warned".into())
+                    } else {
+                        w.stderr.trim().to_string()
+                    },
+                }),
+                None => v.verified.push(c.name.clone()),
+            }
+        }
+    }
+    v
 }
 
 /// klab's own share of the provisioning time: per phase, the phase's wall time minus the longest
@@ -382,6 +426,9 @@ impl Remote for NodeRemote {
         stdin: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<CommandOutput, RemoteError> {
+        // Redacted: the filled-in command may hold the bootstrap token or the certificate key.
+        let shown = self.redactor.redact(command);
+        tracing::debug!(node = %self.node, "$ {shown}");
         let started = Instant::now();
         let r = self.session.exec_input(command, stdin, timeout).await;
         let secs = started.elapsed().as_secs_f64();
@@ -390,7 +437,6 @@ impl Remote for NodeRemote {
             st.0 += 1;
             st.1 += secs;
         }
-        let shown = self.redactor.redact(command);
         match &r {
             Ok(out) => {
                 let mut entry = format!("$ {shown}\n  exit {} after {secs:.1}s", out.exit_status);
@@ -490,7 +536,7 @@ pub async fn provision(
     let changed = work.iter().any(|(_, run, _)| !run.is_empty());
     let endpoint = k.control_plane_endpoint.clone();
     let kubeconfig_path = state.path().join(KUBECONFIG_FILE);
-    let unreachable = reachability(plan, input.route_check.as_ref());
+    let unreachable = reachability(plan, input.route_check.as_ref(), &state.ssh_config_path());
     if !changed {
         if input.from.is_none() && input.only.is_none() {
             check_members(env, plan, &input, &journal).await?;
@@ -517,6 +563,7 @@ pub async fn provision(
                 .collect(),
             seconds: started.elapsed().as_secs_f64(),
             overhead: None,
+            verification: None,
         }));
     }
 
@@ -642,6 +689,7 @@ pub async fn provision(
 
     let mut summaries = Vec::new();
     let mut failure = None;
+    let mut verified = None;
     for (phase, run, journal_done) in &work {
         if run.is_empty() {
             summaries.push(PhaseSummary {
@@ -694,6 +742,9 @@ pub async fn provision(
                     redactor.add(s.expose());
                 }
                 save_recorded(state, &values)?;
+                if phase.id == PhaseId::Verify {
+                    verified = Some(Box::new(verification(&subset, &report.warnings)));
+                }
                 let (mut ran, mut already) = (Vec::new(), Vec::new());
                 for (n, o) in report.nodes {
                     match o {
@@ -735,16 +786,19 @@ pub async fn provision(
         let log = failed_node(&e)
             .map(|n| logs_dir.join(format!("{n}.log")).display().to_string())
             .unwrap_or_default();
+        let next = missing_value_hint(&e, &plan.lab, state, &resolved).unwrap_or_else(|| {
+            format!(
+                "after fixing the cause run `klab up` again: finished phases are skipped (`klab provision {} --from PHASE` reruns from a phase)",
+                plan.lab
+            )
+        });
         return Err(Error::user(
             format!(
                 "lab {}: Kubernetes is not ready:\n{}",
                 plan.lab,
-                redactor.redact(&e.to_string())
+                with_lab(&redactor.redact(&e.to_string()), &plan.lab)
             ),
-            format!(
-                "the node's log is {log}; after fixing the cause run `klab up` again: finished phases are skipped (`klab provision {} --from PHASE` reruns from a phase)",
-                plan.lab
-            ),
+            format!("the node's log is {log}; {next}"),
         ));
     }
 
@@ -789,6 +843,7 @@ pub async fn provision(
             commands,
             round_trip_ms: rtt.into_iter().map(|(n, s)| (n, s * 1000.0)).collect(),
         }),
+        verification: verified,
     }))
 }
 
@@ -904,9 +959,11 @@ pub async fn provision_lab(env: &Env, req: ProvisionRequest) -> Result<Provision
     outcome.ok_or_else(|| Error::Internal("a Kubernetes lab produced no provisioning".into()))
 }
 
-/// Nodes leaving a built cluster (gone from the lab file, or rebuilt by `--recreate`): each is
-/// reset while it still runs, then drained and deleted from the cluster on the first control plane,
-/// before its VM goes. Returns notes (a leaving node that no longer answers is only deleted).
+/// Nodes leaving a built cluster (gone from the lab file, or rebuilt by `--recreate`), before their
+/// VMs go, in [`crate::plan::provision::LeaveOps`]'s order: drained from the first control plane
+/// while the node still runs, `kubeadm reset` on the node, a control plane's etcd member removed
+/// when it is still there, the Node deleted. A node that does not answer is neither drained nor
+/// reset; the notes say so (and what the reset did not do).
 #[allow(clippy::too_many_arguments)]
 pub async fn leave_cluster(
     env: &Env,
@@ -956,67 +1013,183 @@ pub async fn leave_cluster(
             )
         })?;
     let mut notes = Vec::new();
+    let result = leave_each(
+        env, previous, k, leaving, &target, &*init, timeouts, &mut notes,
+    )
+    .await;
+    init.close().await;
+    result.map(|()| notes)
+}
+
+/// [`leave_cluster`]'s work per node, over the first control plane's session `init`.
+#[allow(clippy::too_many_arguments)]
+async fn leave_each(
+    env: &Env,
+    previous: &LabPlan,
+    k: &crate::plan::KubernetesSpec,
+    leaving: &[String],
+    target: &dyn Fn(&LabPlan, &str) -> Option<SshTarget>,
+    init: &dyn NodeSession,
+    timeouts: &Timeouts,
+    notes: &mut Vec<String>,
+) -> Result<(), Error> {
+    let on_init = |op: crate::plan::provision::CommandOp| async move {
+        let out = init
+            .exec(
+                &crate::provision::runner::as_root(&op.run),
+                Duration::from_secs(op.timeout_secs),
+            )
+            .await
+            .map_err(|e| {
+                Error::user(
+                    format!("{}: {}: {e}", k.init_node, op.name),
+                    "check the first control plane, then `klab up` again",
+                )
+            })?;
+        if out.success() {
+            return Ok(out.stdout);
+        }
+        Err(Error::user(
+            format!(
+                "{}: `{}` failed with exit status {}: {}",
+                k.init_node,
+                op.name,
+                out.exit_status,
+                stderr_tail(&out.stderr)
+            ),
+            op.hint
+                .clone()
+                .unwrap_or_else(|| "check the cluster, then `klab up` again".into()),
+        ))
+    };
+    let was_control_plane = |name: &str| {
+        previous
+            .kubernetes
+            .as_ref()
+            .unwrap_or(k)
+            .control_planes
+            .iter()
+            .any(|n| n == name)
+    };
     for name in leaving {
-        let (reset, on_init) = crate::plan::provision::leave_ops(name, timeouts.command);
+        let control_plane = was_control_plane(name);
+        let ops =
+            crate::plan::provision::leave_ops(name, control_plane, &k.init_node, timeouts.command);
         env.printer.note(format!("{name}: leaving the cluster"));
         // A short wait: a node that does not answer is already gone.
-        match target(previous, name) {
+        let session = match target(previous, name) {
             Some(t) => match env.dialer.dial(&t, Duration::from_secs(30)).await {
-                Ok(session) => {
-                    let r = session
-                        .exec(
-                            &crate::provision::runner::as_root(&reset.run),
-                            Duration::from_secs(reset.timeout_secs),
-                        )
-                        .await;
-                    match r {
-                        Ok(out) if out.success() => {}
-                        Ok(out) => notes.push(format!(
-                            "{name}: `kubeadm reset` failed ({}): {}",
-                            out.exit_status,
-                            stderr_tail(&out.stderr)
-                        )),
-                        Err(e) => notes.push(format!("{name}: `kubeadm reset`: {e}")),
-                    }
-                    session.close().await;
-                }
-                Err(e) => notes.push(format!(
-                    "{name} does not answer ({e}); deleting its Node object only (a control plane's etcd member stays until `kubeadm reset` or `etcdctl member remove`)"
-                )),
+                Ok(s) => Ok(s),
+                Err(e) => Err(format!("{name} does not answer ({e})")),
             },
-            None => notes.push(format!("{name}: not in the saved plan; deleting its Node object only")),
-        }
-        for op in on_init {
-            let out = init
-                .exec(
-                    &crate::provision::runner::as_root(&op.run),
-                    Duration::from_secs(op.timeout_secs),
-                )
-                .await
-                .map_err(|e| {
-                    Error::user(
-                        format!("{}: {}: {e}", k.init_node, op.name),
-                        "check the first control plane, then `klab up` again",
+            None => Err(format!("{name} is not in the saved plan")),
+        };
+        match session {
+            Ok(session) => {
+                // Drained while its kubelet still runs, so its pods really end.
+                if let Err(e) = on_init(ops.drain.clone()).await {
+                    session.close().await;
+                    return Err(e);
+                }
+                let r = session
+                    .exec(
+                        &crate::provision::runner::as_root(&ops.reset.run),
+                        Duration::from_secs(ops.reset.timeout_secs),
                     )
-                })?;
-            if !out.success() {
-                return Err(Error::user(
-                    format!(
-                        "{}: `{}` failed with exit status {}: {}",
-                        k.init_node,
-                        op.name,
+                    .await;
+                session.close().await;
+                let failed = match r {
+                    Ok(out) if out.success() => None,
+                    Ok(out) => Some(format!(
+                        "exit status {}: {}",
                         out.exit_status,
                         stderr_tail(&out.stderr)
-                    ),
-                    op.hint
-                        .clone()
-                        .unwrap_or_else(|| "check the cluster, then `klab up` again".into()),
+                    )),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = failed {
+                    notes.push(format!(
+                        "{name}: drained, but `kubeadm reset` failed ({why}); {}",
+                        ops.reset.hint.as_deref().unwrap_or_default()
+                    ));
+                }
+            }
+            Err(why) => {
+                notes.push(format!(
+                    "{why}: not drained and not reset; {}",
+                    if control_plane {
+                        "its etcd member is removed on the first control plane and its Node deleted"
+                    } else {
+                        "its Node is deleted (the pods still bound to it go with it)"
+                    }
                 ));
             }
         }
+        // The reset of a control plane takes its etcd member along; this removes it when the
+        // reset did not (or could not) run, and finds nothing otherwise.
+        if let Some(rm) = ops.remove_member.clone() {
+            let out = on_init(rm).await?;
+            if let Some(line) = out.lines().find(|l| l.contains("removed from cluster")) {
+                notes.push(format!("{name}: etcd: {}", line.trim()));
+            }
+        }
+        on_init(ops.delete.clone()).await?;
     }
-    init.close().await;
-    Ok(notes)
+    Ok(())
+}
+
+/// The plan's hints write `klab provision LAB`: this lab's name instead.
+fn with_lab(text: &str, lab: &str) -> String {
+    text.replace(
+        crate::plan::provision::LAB_IN_HINTS,
+        &format!("klab provision {} ", crate::plan::provision::sh_quote(lab)),
+    )
+}
+
+/// A value a phase needs that nothing provided: which, why, and how to get it. The cluster-wide
+/// values are recorded in `cluster/values.json` the run that captures them; a node added later
+/// relies on that record.
+fn missing_value_hint(
+    e: &crate::provision::runner::RunError,
+    lab: &str,
+    state: &StateDir,
+    plan: &ProvisionPlan,
+) -> Option<String> {
+    let crate::provision::runner::RunError::MissingValue { name, .. } = e else {
+        return None;
+    };
+    let record = state.path().join(VALUES_FILE);
+    if name == value::KUBERNETES_VERSION {
+        return Some(format!(
+            "the Kubernetes patch this cluster runs is not recorded in {} (removed, damaged, or from an older klab): \
+             run `klab provision {lab} --from {}` (on a built cluster it reads the patch the first control plane runs), \
+             or pin that patch in the lab file (`version = \"1.36.4\"`, the VERSION column of `kubectl get nodes`)",
+            record.display(),
+            PhaseId::ResolveVersion.as_str()
+        ));
+    }
+    let by = plan.phases.iter().find(|ph| {
+        ph.nodes.iter().any(|np| {
+            np.ops.iter().any(|op| match op {
+                crate::plan::provision::Op::Run(c) => {
+                    c.captures.iter().any(|cap| &cap.value == name)
+                }
+                crate::plan::provision::Op::File(_) => false,
+            })
+        })
+    });
+    Some(match by {
+        Some(ph) => format!(
+            "`{name}` is captured by the phase `{}` and kept in {}; run `klab provision {lab} --from {}` to capture it again",
+            ph.id.as_str(),
+            record.display(),
+            ph.id.as_str()
+        ),
+        None => format!(
+            "`{name}` is one of the values klab keeps in {}: the state directory is damaged; `klab down` and `klab up` rebuild the lab",
+            state.path().join("cluster").display()
+        ),
+    })
 }
 
 fn failed_node(e: &crate::provision::runner::RunError) -> Option<String> {
@@ -1142,7 +1315,11 @@ async fn check_members(
 
 /// Whether the host reaches the API endpoint: `None` when it does (or cannot be told), else what
 /// to do instead.
-fn reachability(plan: &LabPlan, check: Option<&RouteCheck>) -> Option<String> {
+fn reachability(
+    plan: &LabPlan,
+    check: Option<&RouteCheck>,
+    ssh_config: &std::path::Path,
+) -> Option<String> {
     let k = plan.kubernetes.as_ref()?;
     let check = check?;
     let net = plan.network(&k.cluster_network)?;
@@ -1158,7 +1335,7 @@ fn reachability(plan: &LabPlan, check: Option<&RouteCheck>) -> Option<String> {
             k.control_plane_endpoint,
             k.control_plane_endpoint,
             init.name,
-            ssh_config = "<state>/ssh_config"
+            ssh_config = crate::plan::provision::sh_quote(&ssh_config.display().to_string())
         )),
     }
 }
@@ -1360,6 +1537,115 @@ mod tests {
         assert!(!out.contains("LS0tLS1CRUdJTg"), "{out}");
         assert!(out.contains("ok line"));
         assert!(out.contains("client-key-data: <redacted>"), "{out}");
+    }
+
+    #[test]
+    fn the_unreachable_hint_names_the_real_ssh_config() {
+        let lab = crate::plan::fixtures::ha_lab();
+        let plan = crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name));
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path(), &plan.lab);
+        let no_route: RouteCheck =
+            Arc::new(|_, bridge: &str| Err(format!("no route via {bridge}")));
+        let why =
+            reachability(&plan, Some(&no_route), &state.ssh_config_path()).expect("unreachable");
+        let cfg = state.ssh_config_path().display().to_string();
+        assert!(why.contains(&format!("`ssh -F {cfg} -N -L 6443:")), "{why}");
+        assert!(!why.contains("<state>"), "{why}");
+        let route: RouteCheck = Arc::new(|_, _: &str| Ok(()));
+        assert_eq!(
+            reachability(&plan, Some(&route), &state.ssh_config_path()),
+            None
+        );
+    }
+
+    #[test]
+    fn hints_get_the_labs_name() {
+        assert_eq!(
+            with_lab(
+                "next: run `kubeadm reset -f` on w1, then `klab provision LAB --from join-workers --node w1`",
+                "demo"
+            ),
+            "next: run `kubeadm reset -f` on w1, then `klab provision demo --from join-workers --node w1`"
+        );
+    }
+
+    #[test]
+    fn a_missing_recorded_value_says_which_and_how_to_get_it() {
+        use crate::provision::runner::RunError;
+        let lab = crate::plan::fixtures::ha_lab();
+        let plan = crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name));
+        let provision = plan.kubernetes.as_ref().unwrap().provision.clone();
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path(), "demo");
+        let missing = |name: &str| RunError::MissingValue {
+            node: "w3".into(),
+            phase: "kubernetes-packages",
+            name: name.into(),
+        };
+        let hint = missing_value_hint(
+            &missing(value::KUBERNETES_VERSION),
+            "demo",
+            &state,
+            &provision,
+        )
+        .expect("a hint");
+        assert!(
+            hint.contains("klab provision demo --from resolve-version"),
+            "{hint}"
+        );
+        assert!(
+            hint.contains(&state.path().join(VALUES_FILE).display().to_string()),
+            "{hint}"
+        );
+        let hint = missing_value_hint(&missing(value::SANDBOX_IMAGE), "demo", &state, &provision)
+            .expect("a hint");
+        assert!(
+            hint.starts_with("`sandbox-image` is captured by the phase `containerd`")
+                && hint
+                    .ends_with("run `klab provision demo --from containerd` to capture it again"),
+            "{hint}"
+        );
+        let other = RunError::NoRemote {
+            phase: "verify",
+            node: "cp1".into(),
+        };
+        assert_eq!(missing_value_hint(&other, "demo", &state, &provision), None);
+    }
+
+    #[test]
+    fn verification_counts_a_warned_check_as_not_verified() {
+        use crate::provision::runner::Warned;
+        let lab = crate::plan::fixtures::ha_lab();
+        let plan = crate::plan::plan(&lab, &crate::plan::fixtures::inputs(&lab.name));
+        let k = plan.kubernetes.as_ref().unwrap();
+        let verify = k.provision.phase(PhaseId::Verify).unwrap();
+        let all = verification(verify, &[]);
+        assert_eq!(all.verified.len(), 3, "{all:?}");
+        assert!(all.not_verified.is_empty());
+        let pod = "a pod on another node answers through the pod network";
+        let v = verification(
+            verify,
+            &[Warned {
+                node: k.init_node.clone(),
+                command: pod.into(),
+                stderr: "no CoreDNS pod runs on another node than cp1".into(),
+            }],
+        );
+        assert_eq!(
+            v.verified,
+            [
+                "node InternalIPs on the cluster network",
+                "calico-node addresses on the cluster network"
+            ]
+        );
+        assert_eq!(
+            v.not_verified,
+            [Unverified {
+                check: pod.into(),
+                why: "no CoreDNS pod runs on another node than cp1".into()
+            }]
+        );
     }
 
     #[test]

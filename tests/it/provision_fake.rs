@@ -302,3 +302,176 @@ async fn a_failed_provisioning_resumes_at_its_phase_and_a_rerun_changes_nothing(
             .contains("--from join-workers --node NODE")
     );
 }
+
+/// Every command any node ran, in order, as (node, command); nodes in `down` do not answer.
+struct LeaveDialer {
+    log: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    down: Vec<String>,
+}
+
+struct Logged {
+    node: String,
+    inner: klab::provision::recording::RecordingRemote,
+    log: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl NodeSession for Logged {
+    fn exec<'a>(
+        &'a self,
+        command: &'a str,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<klab::provision::CommandOutput, RemoteError>> {
+        self.exec_input(command, None, timeout)
+    }
+    fn exec_input<'a>(
+        &'a self,
+        command: &'a str,
+        stdin: Option<&'a [u8]>,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<klab::provision::CommandOutput, RemoteError>> {
+        self.log
+            .lock()
+            .unwrap()
+            .push((self.node.clone(), command.to_string()));
+        NodeSession::exec_input(&self.inner, command, stdin, timeout)
+    }
+    fn close(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
+}
+
+impl Dialer for LeaveDialer {
+    fn dial<'a>(
+        &'a self,
+        target: &'a SshTarget,
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Box<dyn NodeSession>, RemoteError>> {
+        Box::pin(async move {
+            if self.down.contains(&target.node) {
+                return Err(RemoteError::Connect {
+                    node: target.node.clone(),
+                    addr: target.addr.to_string(),
+                    message: "no route to host".into(),
+                });
+            }
+            let inner = klab::provision::recording::RecordingRemote::new(&target.node).on_prefix(
+                "sudo -n sh -c 'list=$(kubectl",
+                klab::provision::recording::ok(
+                    "Member 91bc3c398fb3c146 removed from cluster ef37ad9dc622a7c4\n",
+                ),
+            );
+            Ok(Box::new(Logged {
+                node: target.node.clone(),
+                inner,
+                log: Arc::clone(&self.log),
+            }) as Box<dyn NodeSession>)
+        })
+    }
+}
+
+#[tokio::test]
+async fn leaving_nodes_are_drained_before_their_reset_and_a_silent_one_loses_its_etcd_member() {
+    let tmp = tempfile::tempdir().unwrap();
+    let lab = klab::plan::fixtures::ha_lab();
+    let plan = klab::plan::plan(&lab, &klab::plan::fixtures::inputs(&lab.name));
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let paths = Paths {
+        state_root: tmp.path().join("labs"),
+        data_root: tmp.path().join("data"),
+    };
+    let env = Env {
+        connector: Arc::new(|uri: &str| -> Result<Arc<dyn klab::backend::Backend>, _> {
+            Err(klab::backend::BackendError::Other(format!(
+                "no hypervisor in this test ({uri})"
+            )))
+        }),
+        dialer: Arc::new(LeaveDialer {
+            log: Arc::clone(&log),
+            down: vec!["cp3".into()],
+        }),
+        images: Arc::new(NoImages(tmp.path().join("cache"))),
+        paths: paths.clone(),
+        printer: klab::output::Printer::new(klab::cli::OutputFormat::Json),
+        call_timeout: Duration::from_secs(5),
+        host_checks: false,
+    };
+    let state = paths.state(&plan.lab);
+    let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
+    let keys = state
+        .ensure_keys(&names, klab::keys::generate_ed25519)
+        .unwrap();
+    let host_keys: BTreeMap<String, String> = keys
+        .host_keys
+        .iter()
+        .map(|(n, k)| (n.clone(), k.public_openssh.clone()))
+        .collect();
+    let user_key = state.user_private_key().unwrap();
+    let timeouts = klab::model::Timeouts::default();
+    let leaving = ["w2".to_string(), "cp2".to_string(), "cp3".to_string()];
+    let notes = klab::usecase::provision::leave_cluster(
+        &env, &plan, &plan, &leaving, &user_key, &host_keys, &timeouts,
+    )
+    .await
+    .expect("the nodes leave");
+
+    let what = |(node, cmd): &(String, String)| -> String {
+        let kind = if cmd.contains(" drain ") {
+            "drain"
+        } else if cmd.contains("kubeadm reset -f") {
+            "reset"
+        } else if cmd.contains("member remove") {
+            "remove-member"
+        } else if cmd.contains(" delete node ") {
+            "delete"
+        } else {
+            "other"
+        };
+        let about = ["w2", "cp2", "cp3"]
+            .into_iter()
+            .find(|n| cmd.contains(&format!(" {n} ")) || cmd.contains(&format!("n={n} ")))
+            .unwrap_or("-");
+        format!("{node}: {kind} {about}")
+    };
+    let steps: Vec<String> = log.lock().unwrap().iter().map(what).collect();
+    assert_eq!(
+        steps,
+        [
+            // A worker: drained while it runs, reset, deleted.
+            "cp1: drain w2",
+            "w2: reset -",
+            "cp1: delete w2",
+            // A control plane that answers: the same, and its etcd member made sure of.
+            "cp1: drain cp2",
+            "cp2: reset -",
+            "cp1: remove-member cp2",
+            "cp1: delete cp2",
+            // One that does not answer: no drain, no reset; its member removed on a survivor.
+            "cp1: remove-member cp3",
+            "cp1: delete cp3",
+        ]
+    );
+    let etcd_exec = log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(_, c)| c.contains("member remove"))
+        .map(|(_, c)| c.clone())
+        .unwrap();
+    assert!(
+        etcd_exec.contains("exec etcd-cp1 -- etcdctl"),
+        "{etcd_exec}"
+    );
+    let text = notes.join("\n");
+    assert!(
+        text.contains("cp3 does not answer") && text.contains("not drained and not reset"),
+        "{text}"
+    );
+    assert!(
+        text.contains("its etcd member is removed on the first control plane"),
+        "{text}"
+    );
+    assert!(
+        text.contains("cp3: etcd: Member 91bc3c398fb3c146 removed from cluster"),
+        "{text}"
+    );
+}
