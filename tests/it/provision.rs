@@ -296,7 +296,7 @@ fn provision_builds_a_pinned_cluster_resumes_and_adds_a_worker() {
     let flags = on("w2", "sudo cat /var/lib/kubelet/kubeadm-flags.env");
     assert!(flags.contains("--node-ip=10.232.2.12"), "w2: {flags}");
 
-    // 8. Out of the file again: w2 is reset, drained and deleted from the cluster before its VM
+    // 8. Out of the file again: w2 is drained, reset and deleted from the cluster before its VM
     //    goes; the cluster check of the next rerun finds every remaining member.
     let shrunk = up_json(lab_path);
     assert_eq!(shrunk["changed"], true, "{shrunk}");
