@@ -12,6 +12,9 @@ use crate::usecase::up::{UpOutcome, UpRequest};
 
 pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdError> {
     let lab = load_lab(&args.file)?;
+    if lab.host.backend == crate::model::BackendKind::Hyperv {
+        return hyperv_up(p, g, args, &lab);
+    }
     let copies: Vec<Option<String>> = match (args.copies, args.copy.is_empty()) {
         (Some(0), _) => {
             return Err(CmdError::user(
@@ -102,6 +105,58 @@ pub async fn up(p: &Printer, g: &GlobalArgs, args: &UpArgs) -> Result<(), CmdErr
             "fix the cause and run the same command again (copies that are up are left as they are), or remove them with `klab down LAB --all-copies`",
         ))
     }
+}
+
+/// A Hyper-V lab never falls through to libvirt: `--dry-run` prints the PowerShell scripts of the
+/// up, a real run says what it needs.
+fn hyperv_up(
+    p: &Printer,
+    g: &GlobalArgs,
+    args: &UpArgs,
+    lab: &crate::model::Lab,
+) -> Result<(), CmdError> {
+    let unsupported = [
+        (
+            args.copies.is_some() || !args.copy.is_empty(),
+            "--copy/--copies",
+        ),
+        (args.snapshot, "--snapshot"),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(set, _)| *set) {
+        return Err(CmdError::user(
+            format!(
+                "{flag} needs the libvirt backend; lab {} uses Hyper-V",
+                lab.name
+            ),
+            format!("leave {flag} out, or remove `backend = \"hyperv\"` from [host]"),
+        ));
+    }
+    let t = std::sync::Arc::new(templates(g)?);
+    if !args.dry_run {
+        return Err(crate::usecase::hyperv::refuse_real_up(lab, t));
+    }
+    let mut inputs = super::offline_inputs(lab, g);
+    inputs.uri = "hyperv".into();
+    let out = crate::usecase::hyperv::dry_run_up(lab, &inputs, t)?;
+    if p.is_json() {
+        p.json(&json!({
+            "lab": out.lab,
+            "backend": "hyperv",
+            "dry_run": true,
+            "actions": out.actions,
+            "scripts": out.scripts.iter().map(|s| json!({"op": s.op, "object": s.object, "script": s.text})).collect::<Vec<_>>(),
+        }));
+        return Ok(());
+    }
+    p.note(format!(
+        "lab {}: Hyper-V dry run — {} PowerShell scripts, nothing executed",
+        out.lab,
+        out.scripts.len()
+    ));
+    for s in &out.scripts {
+        p.line(format!("# ---- {} ----\n{}", s.key(), s.text.trim_end()));
+    }
+    Ok(())
 }
 
 /// Nodes `up` built from clean disks took no part in the lab's snapshots: those snapshots go (a

@@ -6,6 +6,7 @@
 
 pub mod down;
 pub mod host;
+pub mod hyperv;
 pub mod provision;
 pub mod snapshot;
 pub mod status;

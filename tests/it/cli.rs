@@ -528,3 +528,44 @@ fn list_json_stays_flat_and_every_copy_names_its_lab_and_networks() {
     let three = by_name("three");
     assert!(!three["networks"].as_array().unwrap().is_empty(), "{three}");
 }
+
+/// A Hyper-V lab never lands on libvirt: `up --dry-run` prints the PowerShell scripts of the up
+/// (stdout, or one JSON document), a real `up` on this Linux host says what Hyper-V needs and
+/// creates nothing (not even a state directory).
+#[test]
+fn a_hyperv_lab_is_previewed_as_powershell_and_never_brought_up_on_libvirt() {
+    let data = tempfile::tempdir().unwrap();
+    let lab = concat!(env!("CARGO_MANIFEST_DIR"), "/labs/seed-000-hyperv.toml");
+    let out = klab_in(data.path(), &["up", lab, "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("# ---- new-vm klab-seed000hv-alma1 ----"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("New-VM"), "{stdout}");
+    assert!(!stdout.contains("qemu:///"), "{stdout}");
+    assert!(text(&out.stderr).contains("nothing executed"));
+
+    let out = klab_in(data.path(), &["up", lab, "--dry-run", "--output", "json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["backend"], "hyperv");
+    let ops: Vec<&str> = doc["scripts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["op"].as_str().unwrap())
+        .collect();
+    assert_eq!(ops.first(), Some(&"preflight"));
+    assert_eq!(ops.iter().filter(|o| **o == "new-vm").count(), 3, "{ops:?}");
+
+    if klab::backend::hyperv::PowerShellRunner::detect(std::env::temp_dir()).is_none() {
+        let out = klab_in(data.path(), &["up", lab]);
+        assert_eq!(out.status.code(), Some(1));
+        let err = text(&out.stderr);
+        assert!(err.contains("Windows or WSL2"), "{err}");
+        assert!(err.contains("--dry-run"), "{err}");
+        assert!(!data.path().join("labs").join("seed000hv").exists());
+    }
+}

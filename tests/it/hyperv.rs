@@ -540,57 +540,7 @@ fn rig() -> Rig {
 
 /// Apply reconcile actions one by one on the backend (what the executor does, minus SSH waits).
 fn apply(r: &Rig, actions: &[Action]) {
-    for a in actions {
-        match a {
-            Action::CreatePool { pool } => {
-                let xml = r.rendered.pool.clone().unwrap_or_default();
-                r.backend.ensure_pool(pool, &xml, &r.plan.lab).unwrap();
-            }
-            Action::CreateNetwork { network } | Action::StartNetwork { network } => {
-                let xml = &r
-                    .rendered
-                    .networks
-                    .iter()
-                    .find(|(n, _)| n == network)
-                    .unwrap()
-                    .1;
-                r.backend.ensure_network(network, xml).unwrap();
-            }
-            Action::CreateNode { node } => {
-                let spec = r.plan.node(node).unwrap();
-                let rn = r.rendered.nodes.iter().find(|n| &n.name == node).unwrap();
-                r.backend
-                    .create_volume(&r.plan.pool.name, &rn.overlay_xml)
-                    .unwrap();
-                let seed = klab::seed::build_vfat_seed(&[
-                    ("meta-data", rn.seed.meta_data.as_bytes()),
-                    ("user-data", rn.seed.user_data.as_bytes()),
-                    ("network-config", rn.seed.network_config.as_bytes()),
-                ])
-                .unwrap();
-                r.backend
-                    .upload_volume(&r.plan.pool.name, &spec.seed.name, &seed)
-                    .unwrap();
-                r.backend
-                    .define_and_start(&spec.domain, &rn.domain_xml)
-                    .unwrap();
-            }
-            Action::StartNode { node } => {
-                let spec = r.plan.node(node).unwrap();
-                r.backend.start_domain(&spec.domain).unwrap();
-            }
-            Action::RestartNode { node, .. } => {
-                let spec = r.plan.node(node).unwrap();
-                r.backend.stop_domain(&spec.domain).unwrap();
-                r.backend.start_domain(&spec.domain).unwrap();
-            }
-            Action::WaitNode { .. } => {}
-            Action::RemoveDomain { domain, .. } => r.backend.remove_domain(domain).unwrap(),
-            Action::RemoveVolume { pool, volume } => r.backend.remove_volume(pool, volume).unwrap(),
-            Action::RemoveNetwork { network } => r.backend.remove_network(network).unwrap(),
-            Action::RemovePool { pool } => r.backend.remove_pool(pool).unwrap(),
-        }
-    }
+    klab::usecase::hyperv::apply(&r.backend, &r.plan, &r.rendered, actions).unwrap();
 }
 
 fn up_actions(r: &Rig, observed: &Observed) -> Vec<Action> {
