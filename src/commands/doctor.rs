@@ -23,6 +23,17 @@ pub async fn doctor(p: &Printer, g: &GlobalArgs, file: Option<&Path>) -> Result<
         Some(f) => Some(super::load_lab(f)?),
         None => None,
     };
+    if let Some(l) = lab
+        .as_ref()
+        .filter(|l| l.host.backend == crate::model::BackendKind::Hyperv)
+    {
+        let t = std::sync::Arc::new(super::templates(g)?);
+        let checks = crate::usecase::hyperv::host_checks(l, &super::offline_inputs(l, g), t)
+            .into_iter()
+            .map(|(check, ok, detail)| Check { check, ok, detail })
+            .collect();
+        return report(p, checks);
+    }
     let uri = resolve_uri(g, lab.as_ref());
     let mut checks = Vec::new();
     let mut push = |check: &str, ok: bool, detail: String| {
@@ -179,6 +190,10 @@ pub async fn doctor(p: &Printer, g: &GlobalArgs, file: Option<&Path>) -> Result<
         }
     }
 
+    report(p, checks)
+}
+
+fn report(p: &Printer, checks: Vec<Check>) -> Result<(), CmdError> {
     let failed = checks.iter().filter(|c| !c.ok).count();
     if p.is_json() {
         p.json(&serde_json::json!({ "ok": failed == 0, "checks": checks }));

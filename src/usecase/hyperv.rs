@@ -97,6 +97,63 @@ pub fn refuse_real_up(lab: &Lab, templates: Arc<Templates>) -> Error {
     }
 }
 
+/// `klab doctor -f LAB` for a Hyper-V lab: Hyper-V reachable (Windows or WSL2), the rights the lab
+/// needs, and from WSL2 whether the host can reach the lab's Internal switches. `(check, ok, detail)`.
+pub fn host_checks(
+    lab: &Lab,
+    inputs: &PlanInputs,
+    templates: Arc<Templates>,
+) -> Vec<(String, bool, String)> {
+    use crate::backend::hyperv::runner::{Host, detect_host};
+    let plan = crate::plan::plan(lab, inputs);
+    let layout = HvLayout::default();
+    let hv = HvLab::from_plan(&plan, &layout);
+    let scratch = std::env::temp_dir().join("klab-hyperv");
+    let mut out = Vec::new();
+    let backend = match HyperVBackend::connect(Some(&plan), templates, layout, scratch) {
+        Ok(b) => {
+            out.push(("hyper-v".into(), true, "powershell.exe reachable".into()));
+            b
+        }
+        Err(e) => {
+            out.push((
+                "hyper-v".into(),
+                false,
+                format!(
+                    "{} — run klab on Windows or from WSL2 (`klab up FILE --dry-run` previews the scripts on any host)",
+                    super::chain(&e)
+                ),
+            ));
+            return out;
+        }
+    };
+    // Internal switches get a host address (the gateway), and nat a NetNat: both need elevation.
+    let host_network = hv.switches.iter().any(|s| s.host_ip.is_some());
+    let problems = |what: &str,
+                    r: Result<Vec<crate::backend::hyperv::checks::Problem>, BackendError>|
+     -> Vec<(String, bool, String)> {
+        match r {
+            Ok(p) if p.is_empty() => vec![(what.into(), true, "fine for this lab".into())],
+            Ok(p) => p
+                .into_iter()
+                .map(|p| (what.into(), false, format!("{} — {}", p.problem, p.fix)))
+                .collect(),
+            Err(e) => vec![(what.into(), false, super::chain(&e))],
+        }
+    };
+    out.extend(problems("rights", backend.preflight(host_network)));
+    if detect_host() == Host::Wsl2 {
+        let internal: Vec<String> = hv
+            .switches
+            .iter()
+            .filter(|s| s.host_ip.is_some())
+            .map(|s| s.name.clone())
+            .collect();
+        out.extend(problems("wsl2 routing", backend.wsl_forwarding(&internal)));
+    }
+    out
+}
+
 /// Reconcile actions applied to a backend alone (what the executor does, minus the waits for a
 /// node to boot and answer, which need SSH).
 pub fn apply(
@@ -195,6 +252,23 @@ mod tests {
                 .iter()
                 .any(|a| matches!(a, Action::CreateNode { node } if node == "alma1"))
         );
+    }
+
+    #[test]
+    fn doctor_on_plain_linux_names_what_hyperv_needs_and_stops_there() {
+        if crate::backend::hyperv::PowerShellRunner::detect(std::env::temp_dir()).is_some() {
+            return; // Windows/WSL2: the checks ask the real host; nothing fixed to assert here.
+        }
+        let lab = seed_lab();
+        let checks = host_checks(
+            &lab,
+            &crate::plan::fixtures::inputs(&lab.name),
+            Arc::new(Templates::builtin().unwrap()),
+        );
+        assert_eq!(checks.len(), 1, "{checks:?}");
+        assert_eq!(checks[0].0, "hyper-v");
+        assert!(!checks[0].1);
+        assert!(checks[0].2.contains("Windows or WSL2"), "{checks:?}");
     }
 
     #[test]

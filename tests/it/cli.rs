@@ -567,5 +567,11 @@ fn a_hyperv_lab_is_previewed_as_powershell_and_never_brought_up_on_libvirt() {
         assert!(err.contains("Windows or WSL2"), "{err}");
         assert!(err.contains("--dry-run"), "{err}");
         assert!(!data.path().join("labs").join("seed000hv").exists());
+        // doctor asks Hyper-V's questions, not libvirt's.
+        let out = klab_in(data.path(), &["doctor", "-f", lab]);
+        assert_eq!(out.status.code(), Some(1));
+        let report = text(&out.stdout);
+        assert!(report.contains("FAIL hyper-v"), "{report}");
+        assert!(!report.contains("libvirt"), "{report}");
     }
 }
