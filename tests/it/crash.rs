@@ -184,6 +184,34 @@ fn up_killed_anywhere_converges_and_down_after_a_kill_leaves_nothing() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm1");
 
+    // 6b. A hard reset that caught the first boot's writes: the pinned host key is on disk but
+    //     empty while cloud-init counts its ssh module as done. The node must come back with
+    //     the pinned key (cloud-init writes it again) instead of an sshd that never starts.
+    let out = klab(
+        &[
+            "ssh",
+            &format!("{LAB}/vm1"),
+            "--",
+            "sudo sh -c ': > /etc/ssh/ssh_host_ed25519_key; : > /etc/ssh/ssh_host_ed25519_key.pub; sync'",
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    virsh(&["destroy", &node.domain]);
+    let report = up_json(lab_file);
+    assert!(verified(&report), "{report}");
+    let out = klab(
+        &[
+            "ssh",
+            &format!("{LAB}/vm1"),
+            "--",
+            "sudo test -s /etc/ssh/ssh_host_ed25519_key && hostname",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "the pinned key was not written again");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "vm1");
+
     // 7. down after a kill (mid-rebuild: domain gone, fresh overlay, no seed) leaves nothing.
     up_killed_at(lab_file, "seed-upload", &["--recreate", "vm1"]);
     let out = klab(&["down", LAB], None);
