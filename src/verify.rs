@@ -10,7 +10,11 @@ use std::net::Ipv4Addr;
 use crate::plan::NodeSpec;
 
 /// One command, sections separated by markers, so verification costs one round trip.
-pub const PROBE_COMMAND: &str = "echo @@hostname; hostname; echo @@link; ip -o link show; \
+///
+/// It starts with `sync`: what cloud-init wrote on the first boot (the pinned host key, the user's
+/// key) is on disk once klab calls the node verified. A node restarted hard right after (a network
+/// repair does that) kept zero-length key files otherwise, and its sshd never started again.
+pub const PROBE_COMMAND: &str = "sync; echo @@hostname; hostname; echo @@link; ip -o link show; \
 echo @@addr; ip -o -4 addr show; echo @@route; ip -4 route show default";
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

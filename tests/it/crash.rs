@@ -136,6 +136,14 @@ fn up_killed_anywhere_converges_and_down_after_a_kill_leaves_nothing() {
     let node = &plan.nodes[0];
     let pool = plan.pool.name.clone();
     let _ = klab(&["down", LAB], None);
+    // A failure must not leave the lab running: the next test's lab uses the same subnets.
+    struct Down;
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = klab(&["down", LAB], None);
+        }
+    }
+    let _down = Down;
 
     // 1. Killed after the pool was defined, before it was tagged: the next run claims it.
     up_killed_at(lab_file, "pool-untagged", &[]);

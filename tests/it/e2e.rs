@@ -119,6 +119,14 @@ fn up_reconcile_and_down_on_real_qemu() {
     let name = lab.name.clone();
     // Leftovers of an aborted earlier run must not decide this one.
     let _ = klab(&["down", &name]);
+    // Nor may this run's leftovers, after a failure, decide the next test's.
+    struct Down(String);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            let _ = klab(&["down", &self.0]);
+        }
+    }
+    let _down = Down(name.clone());
 
     let tmp = tempfile::tempdir().unwrap();
     let foreign = Foreign::create(&name, tmp.path());
