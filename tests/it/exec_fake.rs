@@ -25,7 +25,7 @@ use klab::usecase::up::{UpOutcome, UpRequest, up};
 use klab::usecase::{Env, Error, Images, Paths};
 
 /// What a correctly booted node answers to klab's probe.
-fn probe_output(n: &NodeSpec) -> String {
+pub(crate) fn probe_output(n: &NodeSpec) -> String {
     let mut s = format!(
         "@@hostname\n{}\n@@link\n1: lo: <LOOPBACK> mtu 65536 link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n",
         n.name
@@ -56,7 +56,7 @@ fn probe_output(n: &NodeSpec) -> String {
     s
 }
 
-const CLOUD_INIT_DONE: &str =
+pub(crate) const CLOUD_INIT_DONE: &str =
     "@@result\n{\"v1\": {\"datasource\": \"nocloud\", \"errors\": []}}\n@@status\n{}\n";
 
 /// Stands in for SSH: checks the pinned host key against the one in the lab's state, then

@@ -99,46 +99,14 @@ pub(crate) mod fake_lab {
     use klab::cli::OutputFormat;
     use klab::exec::{BoxFuture, Dialer, NodeSession};
     use klab::output::Printer;
-    use klab::plan::{ImageSpec, LabPlan, LocalImage, NodeSpec};
+    use klab::plan::{ImageSpec, LabPlan, LocalImage};
     use klab::provision::RemoteError;
     use klab::provision::recording::{RecordingRemote, ok};
     use klab::provision::ssh::SshTarget;
     use klab::usecase::up::{UpOutcome, UpRequest};
     use klab::usecase::{Connector, Env, Error, Images, Paths};
 
-    fn probe_output(n: &NodeSpec) -> String {
-        let mut s = format!(
-            "@@hostname\n{}\n@@link\n1: lo: <LOOPBACK> mtu 65536 link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n",
-            n.name
-        );
-        for (i, nic) in n.nics.iter().enumerate() {
-            s.push_str(&format!(
-                "{}: {}: <BROADCAST,MULTICAST,UP> mtu 1500 qdisc fq_codel state UP link/ether {} brd ff:ff:ff:ff:ff:ff\n",
-                i + 2,
-                nic.ifname,
-                nic.mac
-            ));
-        }
-        s.push_str("@@addr\n");
-        for (i, nic) in n.nics.iter().enumerate() {
-            s.push_str(&format!(
-                "{}: {}    inet {}/{} brd 10.255.255.255 scope global {}\n",
-                i + 2,
-                nic.ifname,
-                nic.ip,
-                nic.prefix,
-                nic.ifname
-            ));
-        }
-        s.push_str("@@route\n");
-        if let Some(gw) = n.nics[0].gateway {
-            s.push_str(&format!("default via {gw} dev {}\n", n.nics[0].ifname));
-        }
-        s
-    }
-
-    const CLOUD_INIT_DONE: &str =
-        "@@result\n{\"v1\": {\"datasource\": \"nocloud\", \"errors\": []}}\n@@status\n{}\n";
+    use crate::exec_fake::{CLOUD_INIT_DONE, probe_output};
     /// What the guest's clock said before klab set it (unix seconds): far behind the host's.
     pub const GUEST_CLOCK: f64 = 1_000_000.0;
 
