@@ -114,7 +114,7 @@ impl Dialer for FakeDialer {
 }
 
 /// A base image that is "there" without a download.
-struct StubImages(PathBuf);
+pub(crate) struct StubImages(pub(crate) PathBuf);
 
 impl Images for StubImages {
     fn local_images(&self) -> Result<Vec<LocalImage>, String> {

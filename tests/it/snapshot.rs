@@ -99,14 +99,14 @@ pub(crate) mod fake_lab {
     use klab::cli::OutputFormat;
     use klab::exec::{BoxFuture, Dialer, NodeSession};
     use klab::output::Printer;
-    use klab::plan::{ImageSpec, LabPlan, LocalImage};
+    use klab::plan::LabPlan;
     use klab::provision::RemoteError;
     use klab::provision::recording::{RecordingRemote, ok};
     use klab::provision::ssh::SshTarget;
     use klab::usecase::up::{UpOutcome, UpRequest};
-    use klab::usecase::{Connector, Env, Error, Images, Paths};
+    use klab::usecase::{Connector, Env, Error, Paths};
 
-    use crate::exec_fake::{CLOUD_INIT_DONE, probe_output};
+    use crate::exec_fake::{CLOUD_INIT_DONE, StubImages, probe_output};
     /// What the guest's clock said before klab set it (unix seconds): far behind the host's.
     pub const GUEST_CLOCK: f64 = 1_000_000.0;
 
@@ -152,26 +152,6 @@ pub(crate) mod fake_lab {
                     .on_prefix("g=$(date -u +%s.%N);", ok(&format!("{GUEST_CLOCK}\n")));
                 Ok(Box::new(remote) as Box<dyn NodeSession>)
             })
-        }
-    }
-
-    struct StubImages(PathBuf);
-
-    impl Images for StubImages {
-        fn local_images(&self) -> Result<Vec<LocalImage>, String> {
-            Ok(vec![LocalImage {
-                key: "debian-12".into(),
-                path: self.0.join("debian-12.qcow2").display().to_string(),
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-            }])
-        }
-        fn cache_root(&self) -> PathBuf {
-            self.0.clone()
-        }
-        fn ensure(&self, _spec: &ImageSpec, _quiet: bool) -> Result<(), String> {
-            Ok(())
         }
     }
 
