@@ -121,23 +121,7 @@ async fn a_failed_provisioning_resumes_at_its_phase_and_a_rerun_changes_nothing(
         fail_init: AtomicBool::new(true),
         node_names: std::sync::Mutex::new(None),
     });
-    let paths = Paths {
-        state_root: tmp.path().join("labs"),
-        data_root: tmp.path().join("data"),
-    };
-    let env = Env {
-        connector: Arc::new(|uri: &str| -> Result<Arc<dyn klab::backend::Backend>, _> {
-            Err(klab::backend::BackendError::Other(format!(
-                "no hypervisor in this test ({uri})"
-            )))
-        }),
-        dialer: dialer.clone(),
-        images: Arc::new(NoImages(tmp.path().join("cache"))),
-        paths: paths.clone(),
-        printer: klab::output::Printer::new(klab::cli::OutputFormat::Json),
-        call_timeout: Duration::from_secs(5),
-        host_checks: false,
-    };
+    let (paths, env) = fake_env(tmp.path(), dialer.clone());
     let state = paths.state(&plan.lab);
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let keys = state
@@ -375,26 +359,13 @@ async fn leaving_nodes_are_drained_before_their_reset_and_a_silent_one_loses_its
     let lab = klab::plan::fixtures::ha_lab();
     let plan = klab::plan::plan(&lab, &klab::plan::fixtures::inputs(&lab.name));
     let log = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let paths = Paths {
-        state_root: tmp.path().join("labs"),
-        data_root: tmp.path().join("data"),
-    };
-    let env = Env {
-        connector: Arc::new(|uri: &str| -> Result<Arc<dyn klab::backend::Backend>, _> {
-            Err(klab::backend::BackendError::Other(format!(
-                "no hypervisor in this test ({uri})"
-            )))
-        }),
-        dialer: Arc::new(LeaveDialer {
+    let (paths, env) = fake_env(
+        tmp.path(),
+        Arc::new(LeaveDialer {
             log: Arc::clone(&log),
             down: vec!["cp3".into()],
         }),
-        images: Arc::new(NoImages(tmp.path().join("cache"))),
-        paths: paths.clone(),
-        printer: klab::output::Printer::new(klab::cli::OutputFormat::Json),
-        call_timeout: Duration::from_secs(5),
-        host_checks: false,
-    };
+    );
     let state = paths.state(&plan.lab);
     let names: Vec<String> = plan.nodes.iter().map(|n| n.name.clone()).collect();
     let keys = state
@@ -474,4 +445,26 @@ async fn leaving_nodes_are_drained_before_their_reset_and_a_silent_one_loses_its
         text.contains("cp3: etcd: Member 91bc3c398fb3c146 removed from cluster"),
         "{text}"
     );
+}
+
+/// State under `dir`, no hypervisor, SSH through `dialer`.
+fn fake_env(dir: &std::path::Path, dialer: Arc<dyn klab::exec::Dialer>) -> (Paths, Env) {
+    let paths = Paths {
+        state_root: dir.join("labs"),
+        data_root: dir.join("data"),
+    };
+    let env = Env {
+        connector: Arc::new(|uri: &str| -> Result<Arc<dyn klab::backend::Backend>, _> {
+            Err(klab::backend::BackendError::Other(format!(
+                "no hypervisor in this test ({uri})"
+            )))
+        }),
+        dialer,
+        images: Arc::new(NoImages(dir.join("cache"))),
+        paths: paths.clone(),
+        printer: klab::output::Printer::new(klab::cli::OutputFormat::Json),
+        call_timeout: Duration::from_secs(5),
+        host_checks: false,
+    };
+    (paths, env)
 }
