@@ -511,6 +511,9 @@ enum ConsoleWait {
     Unavailable,
     /// The log grew but never said "finished" within the SSH timeout: wait on SSH instead.
     Silent,
+    /// The guest's kernel reported a task blocked during boot, before cloud-init finished: under
+    /// TCG a virtio disk request is sometimes never answered and the boot never ends.
+    Hung,
 }
 
 /// How long an empty or missing console log is given before klab falls back to SSH.
@@ -521,6 +524,24 @@ const CONSOLE_POLL: Duration = Duration::from_millis(500);
 pub fn console_says_finished(text: &str) -> bool {
     text.lines()
         .any(|l| l.contains("Cloud-init v.") && l.contains(" finished at "))
+}
+
+/// The kernel's hung-task report (`INFO: task NAME:PID blocked for more than N seconds.`) for a
+/// task blocked at least 240 s (the kernel repeats it every 120 s while the task stays blocked): the
+/// boot is stuck on I/O that will not complete, not merely slow on a loaded host.
+pub fn console_says_hung(text: &str) -> bool {
+    const STUCK_SECS: u64 = 240;
+    text.lines().any(|l| {
+        l.contains("INFO: task ")
+            && l.split(" blocked for more than ")
+                .nth(1)
+                .is_some_and(|rest| {
+                    rest.split_whitespace()
+                        .next()
+                        .and_then(|n| n.parse::<u64>().ok())
+                        .is_some_and(|n| n >= STUCK_SECS)
+                })
+    })
 }
 
 impl NodeJob {
@@ -681,10 +702,39 @@ impl NodeJob {
         }
         if self.follow_console {
             self.step(progress, "console");
-            let seen = tokio::select! {
+            let mut seen = tokio::select! {
                 w = self.wait_console() => w,
                 gone = self.watch_domain() => return Err(self.fail("boot", gone)),
             };
+            if seen == ConsoleWait::Hung {
+                // One hard reset: nothing of the lab runs yet, and what cloud-init wrote before
+                // is healed by its bootcmd. A second hang is a failure with the console's tail.
+                tracing::warn!(node = %self.node.name, "the guest's kernel reports a task blocked during boot; resetting the node once");
+                self.step(progress, "boot hung: resetting");
+                let name = domain.clone();
+                self.call(format!("stop domain {domain}"), move |b| {
+                    b.stop_domain(&name)
+                })
+                .await
+                .map_err(|e| self.fail("resetting a hung boot", e))?;
+                let name = domain.clone();
+                self.call(format!("start domain {domain}"), move |b| {
+                    b.start_domain(&name)
+                })
+                .await
+                .map_err(|e| self.fail("resetting a hung boot", e))?;
+                self.step(progress, "console");
+                seen = tokio::select! {
+                    w = self.wait_console() => w,
+                    gone = self.watch_domain() => return Err(self.fail("boot", gone)),
+                };
+                if seen == ConsoleWait::Hung {
+                    return Err(self.fail(
+                        "boot",
+                        "the guest's kernel reported a blocked task during boot twice (after one reset); under TCG a virtio disk request was never answered",
+                    ));
+                }
+            }
             tracing::info!(node = %self.node.name, "console: {seen:?}");
         }
         self.step(progress, "ssh");
@@ -765,17 +815,25 @@ impl NodeJob {
         let start = Instant::now();
         loop {
             let p = path.clone();
-            let (len, finished) = tokio::task::spawn_blocking(move || match std::fs::read(&p) {
-                Ok(bytes) => (
-                    bytes.len() as u64,
-                    console_says_finished(&String::from_utf8_lossy(&bytes)),
-                ),
-                Err(_) => (0, false),
-            })
-            .await
-            .unwrap_or((0, false));
+            let (len, finished, hung) =
+                tokio::task::spawn_blocking(move || match std::fs::read(&p) {
+                    Ok(bytes) => {
+                        let text = String::from_utf8_lossy(&bytes);
+                        (
+                            bytes.len() as u64,
+                            console_says_finished(&text),
+                            console_says_hung(&text),
+                        )
+                    }
+                    Err(_) => (0, false, false),
+                })
+                .await
+                .unwrap_or((0, false, false));
             if finished {
                 return ConsoleWait::Finished;
+            }
+            if hung {
+                return ConsoleWait::Hung;
             }
             let waited = start.elapsed();
             if len == 0 && waited >= CONSOLE_GRACE {
@@ -923,6 +981,19 @@ pub async fn apply_down(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_blocked_for_four_minutes_is_a_hung_boot_and_two_minutes_is_not() {
+        // As a TCG guest printed it when its seed disk's virtio request was never answered.
+        let first = "[    5.848748]  vdb:\r\n[  242.939965] INFO: task kworker/0:1:17 blocked for more than 120 seconds.\r\n[  242.940309]       Not tainted 6.1.0-50-amd64 #1 Debian 6.1.176-1\r\n";
+        assert!(!console_says_hung(first), "one report may be a slow host");
+        let again = format!(
+            "{first}[  363.772044] INFO: task kworker/0:1:17 blocked for more than 241 seconds.\r\n"
+        );
+        assert!(console_says_hung(&again));
+        assert!(!console_says_hung("blocked for more than 600 seconds"));
+        assert!(!console_says_hung(""));
+    }
 
     #[test]
     fn cloud_inits_final_message_is_recognised_on_the_console() {
