@@ -46,7 +46,7 @@ pub fn plan(lab: &Lab, inputs: &PlanInputs) -> LabPlan {
     };
     let kubernetes = lab.kubernetes.as_ref().map(|k| {
         let mut spec = plan_kubernetes(k, &nodes);
-        spec.provision = provision::provision_plan(&spec, &nodes, timeouts);
+        spec.provision = provision::provision_plan(&lab.name, &spec, &nodes, timeouts);
         spec
     });
     let steps = kubernetes

@@ -465,6 +465,8 @@ fn probe(files_match: bool, command: Option<&str>) -> Option<Probe> {
 
 /// Everything the phases are computed from (a view of the plan).
 struct Ctx<'a> {
+    /// The lab's name, for the `klab provision LAB …` commands hints give.
+    lab: &'a str,
     k: &'a KubernetesSpec,
     nodes: Vec<&'a NodeSpec>,
     t: PhaseTimeouts,
@@ -482,7 +484,12 @@ impl Ctx<'_> {
 }
 
 /// The phases for a Kubernetes lab. `nodes` are the plan's nodes (roles decide who does what).
-pub fn provision_plan(k: &KubernetesSpec, nodes: &[NodeSpec], t: PhaseTimeouts) -> ProvisionPlan {
+pub fn provision_plan(
+    lab: &str,
+    k: &KubernetesSpec,
+    nodes: &[NodeSpec],
+    t: PhaseTimeouts,
+) -> ProvisionPlan {
     let members: Vec<&NodeSpec> = k
         .control_planes
         .iter()
@@ -494,6 +501,7 @@ pub fn provision_plan(k: &KubernetesSpec, nodes: &[NodeSpec], t: PhaseTimeouts) 
         .clone()
         .unwrap_or_else(|| marker(value::KUBERNETES_VERSION));
     let c = Ctx {
+        lab,
         k,
         nodes: members,
         t,
@@ -1061,17 +1069,13 @@ fn join_credentials(c: &Ctx<'_>) -> Phase {
     )
 }
 
-/// `klab ssh NODE -- sudo kubeadm reset -f`, then the phase again for that node alone. Hints write
-/// `klab provision LAB`; the use case puts the lab's name in.
-fn rejoin_hint(node: &str, phase: PhaseId) -> String {
+/// `klab ssh NODE -- sudo kubeadm reset -f`, then the phase again for that node alone.
+fn rejoin_hint(lab: &str, node: &str, phase: PhaseId) -> String {
     format!(
-        "run `kubeadm reset -f` on {node} (`klab ssh {node} -- sudo kubeadm reset -f`), then `klab provision LAB --from {} --node {node}`",
+        "run `kubeadm reset -f` on {node} (`klab ssh {node} -- sudo kubeadm reset -f`), then `klab provision {lab} --from {} --node {node}`",
         phase.as_str()
     )
 }
-
-/// The command that lists a lab's hints write for the lab's name (the use case fills it in).
-pub const LAB_IN_HINTS: &str = "klab provision LAB ";
 
 /// `check` up to `tries` times, 2 s apart: a probe that waits out a server restarting.
 fn retried(check: &str, tries: u32) -> String {
@@ -1080,7 +1084,7 @@ fn retried(check: &str, tries: u32) -> String {
 
 /// A node with kubeadm's files whose probe did not hold was joined half-way: say so and how to
 /// fix it, instead of a `kubeadm join` that fails on the leftovers.
-fn not_half_joined(node: &str, files: &[&str], why: &str, phase: PhaseId) -> Op {
+fn not_half_joined(lab: &str, node: &str, files: &[&str], why: &str, phase: PhaseId) -> Op {
     let test = files
         .iter()
         .map(|f| format!("[ -e {f} ]"))
@@ -1096,7 +1100,7 @@ fn not_half_joined(node: &str, files: &[&str], why: &str, phase: PhaseId) -> Op 
         ),
         QUICK,
     )
-    .hint(&rejoin_hint(node, phase)))
+    .hint(&rejoin_hint(lab, node, phase)))
 }
 
 const KUBELET_CONF: &str = "/etc/kubernetes/kubelet.conf";
@@ -1141,6 +1145,7 @@ fn join_control_plane(c: &Ctx<'_>) -> Phase {
                 probe: probe(false, Some(&joined)),
                 ops: vec![
                     not_half_joined(
+                        c.lab,
                         name,
                         &[KUBELET_CONF, APISERVER_MANIFEST],
                         &format!("its API server on {ip} is not ready with a healthy etcd member"),
@@ -1148,9 +1153,9 @@ fn join_control_plane(c: &Ctx<'_>) -> Phase {
                     ),
                     put(file(JOIN_CONFIG, tpl(template::KUBEADM_JOIN), 0o600)),
                     run(cmd("kubeadm join (control plane)", &format!("kubeadm join --config {JOIN_CONFIG}"), long)
-                        .hint(&format!("{}; etcd admits one new member at a time", rejoin_hint(name, PhaseId::JoinControlPlane)))),
+                        .hint(&format!("{}; etcd admits one new member at a time", rejoin_hint(c.lab, name, PhaseId::JoinControlPlane)))),
                     run(cmd("its API server and etcd member are healthy", &healthy, 330)
-                        .hint(&format!("`crictl ps -a` and `crictl logs` of etcd and kube-apiserver on {name}; if it stays unhealthy, {}", rejoin_hint(name, PhaseId::JoinControlPlane)))),
+                        .hint(&format!("`crictl ps -a` and `crictl logs` of etcd and kube-apiserver on {name}; if it stays unhealthy, {}", rejoin_hint(c.lab, name, PhaseId::JoinControlPlane)))),
                 ],
             }
         })
@@ -1187,6 +1192,7 @@ fn join_workers(c: &Ctx<'_>) -> Phase {
                 ),
                 ops: vec![
                     not_half_joined(
+                        c.lab,
                         n,
                         &[KUBELET_CONF],
                         "the cluster has no Node of that name",
@@ -1198,7 +1204,7 @@ fn join_workers(c: &Ctx<'_>) -> Phase {
                         &format!("kubeadm join --config {JOIN_CONFIG}"),
                         long,
                     )
-                    .hint(&rejoin_hint(n, PhaseId::JoinWorkers))),
+                    .hint(&rejoin_hint(c.lab, n, PhaseId::JoinWorkers))),
                 ],
             }
         }),
@@ -1604,7 +1610,7 @@ mod tests {
         assert_eq!(
             ops[0].hint.as_deref(),
             Some(
-                "run `kubeadm reset -f` on cp2 (`klab ssh cp2 -- sudo kubeadm reset -f`), then `klab provision LAB --from join-control-plane --node cp2`"
+                "run `kubeadm reset -f` on cp2 (`klab ssh cp2 -- sudo kubeadm reset -f`), then `klab provision demo --from join-control-plane --node cp2`"
             )
         );
         assert_eq!(ops[1].name, "kubeadm join (control plane)");
@@ -1630,10 +1636,8 @@ mod tests {
             ops[0]
                 .hint
                 .as_deref()
-                .is_some_and(|h| h.ends_with("`klab provision LAB --from join-workers --node w1`"))
+                .is_some_and(|h| h.ends_with("`klab provision demo --from join-workers --node w1`"))
         );
-        // `LAB` is what the use case replaces.
-        assert!(ops[0].hint.as_deref().unwrap().contains(LAB_IN_HINTS));
     }
 
     /// Runs `script` with `sh`, `kubectl` a stand-in that prints `nodes` for a jsonpath listing

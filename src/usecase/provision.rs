@@ -796,7 +796,7 @@ pub async fn provision(
             format!(
                 "lab {}: Kubernetes is not ready:\n{}",
                 plan.lab,
-                with_lab(&redactor.redact(&e.to_string()), &plan.lab)
+                redactor.redact(&e.to_string())
             ),
             format!("the node's log is {log}; {next}"),
         ));
@@ -1136,14 +1136,6 @@ async fn leave_each(
         on_init(ops.delete.clone()).await?;
     }
     Ok(())
-}
-
-/// The plan's hints write `klab provision LAB`: this lab's name instead.
-fn with_lab(text: &str, lab: &str) -> String {
-    text.replace(
-        crate::plan::provision::LAB_IN_HINTS,
-        &format!("klab provision {} ", crate::plan::provision::sh_quote(lab)),
-    )
 }
 
 /// A value a phase needs that nothing provided: which, why, and how to get it. The cluster-wide
@@ -1556,17 +1548,6 @@ mod tests {
         assert_eq!(
             reachability(&plan, Some(&route), &state.ssh_config_path()),
             None
-        );
-    }
-
-    #[test]
-    fn hints_get_the_labs_name() {
-        assert_eq!(
-            with_lab(
-                "next: run `kubeadm reset -f` on w1, then `klab provision LAB --from join-workers --node w1`",
-                "demo"
-            ),
-            "next: run `kubeadm reset -f` on w1, then `klab provision demo --from join-workers --node w1`"
         );
     }
 
