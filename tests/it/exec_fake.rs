@@ -190,22 +190,8 @@ fn world() -> World {
 impl World {
     fn request(&self, recreate: &[&str]) -> UpRequest {
         UpRequest {
-            lab: self.lab.clone(),
             lab_file: Some(self.lab_file.clone()),
-            uri: "fake:///".into(),
-            accel: klab::model::Accel::Auto,
-            templates: klab::render::Templates::builtin().unwrap(),
-            dry_run: false,
-            recreate: recreate
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<BTreeSet<_>>(),
-            jobs: 3,
-            host: Default::default(),
-            kubernetes: false,
-            allow_unpinned: false,
-            copy: None,
-            subnet_pool: None,
+            ..fake_request(&self.lab, None, recreate)
         }
     }
 
@@ -569,4 +555,30 @@ async fn down_keeping_state_forgets_the_journal_and_the_next_up_rebuilds_and_ver
     };
     assert!(reports.iter().all(|r| r.created), "{reports:?}");
     all_verified(&w.journal(), &NODES);
+}
+
+/// `klab up` of `lab` on the fake hypervisor, VMs only (no lab file, no Kubernetes).
+pub(crate) fn fake_request(
+    lab: &klab::model::Lab,
+    copy: Option<&str>,
+    recreate: &[&str],
+) -> UpRequest {
+    UpRequest {
+        lab: lab.clone(),
+        lab_file: None,
+        uri: "fake:///".into(),
+        accel: klab::model::Accel::Auto,
+        templates: klab::render::Templates::builtin().unwrap(),
+        dry_run: false,
+        recreate: recreate
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<BTreeSet<_>>(),
+        jobs: 3,
+        host: Default::default(),
+        kubernetes: false,
+        allow_unpinned: false,
+        copy: copy.map(String::from),
+        subnet_pool: None,
+    }
 }

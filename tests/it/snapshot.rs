@@ -89,7 +89,6 @@ fn snapshot_reset_puts_the_lab_back_in_seconds() {
 /// A lab brought up by the real `up` use case on the recording fake backend, with a dialer that
 /// answers as booted nodes (the clock command and klab's probe included). Copies' tests use it too.
 pub(crate) mod fake_lab {
-    use std::collections::BTreeSet;
     use std::path::PathBuf;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -210,24 +209,7 @@ pub(crate) mod fake_lab {
 
     impl FakeLab {
         pub fn request(&self, copy: Option<&str>, recreate: &[&str]) -> UpRequest {
-            UpRequest {
-                lab: self.lab.clone(),
-                lab_file: None,
-                uri: "fake:///".into(),
-                accel: klab::model::Accel::Auto,
-                templates: klab::render::Templates::builtin().unwrap(),
-                dry_run: false,
-                recreate: recreate
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect::<BTreeSet<_>>(),
-                jobs: 3,
-                host: Default::default(),
-                kubernetes: false,
-                allow_unpinned: false,
-                copy: copy.map(String::from),
-                subnet_pool: None,
-            }
+            crate::exec_fake::fake_request(&self.lab, copy, recreate)
         }
 
         pub async fn up(&self, recreate: &[&str]) -> Result<Box<LabPlan>, Error> {
