@@ -28,10 +28,15 @@ pub async fn doctor(p: &Printer, g: &GlobalArgs, file: Option<&Path>) -> Result<
         .filter(|l| l.host.backend == crate::model::BackendKind::Hyperv)
     {
         let t = std::sync::Arc::new(super::templates(g)?);
-        let checks = crate::usecase::hyperv::host_checks(l, &super::offline_inputs(l, g), t)
-            .into_iter()
-            .map(|(check, ok, detail)| Check { check, ok, detail })
-            .collect();
+        let (l, inputs) = (l.clone(), super::offline_inputs(l, g));
+        // powershell.exe runs the checks: off the async runtime.
+        let checks = crate::usecase::blocking(move || {
+            Ok(crate::usecase::hyperv::host_checks(&l, &inputs, t))
+        })
+        .await?
+        .into_iter()
+        .map(|(check, ok, detail)| Check { check, ok, detail })
+        .collect();
         return report(p, checks);
     }
     let uri = resolve_uri(g, lab.as_ref());

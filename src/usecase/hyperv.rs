@@ -77,8 +77,7 @@ pub fn dry_run_up(
 /// A real `up` on Hyper-V: the backend is reached (Windows or WSL2) and its rights checked, then
 /// klab stops with the reason — nothing on the host has changed.
 pub fn refuse_real_up(lab: &Lab, templates: Arc<Templates>) -> Error {
-    let scratch = std::env::temp_dir().join("klab-hyperv");
-    match HyperVBackend::connect(None, templates, HvLayout::default(), scratch) {
+    match HyperVBackend::connect(None, templates, HvLayout::default(), scratch_dir()) {
         Err(e) => Error::user(
             format!(
                 "lab {} asks for Hyper-V ([host] backend = \"hyperv\"): {}",
@@ -108,9 +107,8 @@ pub fn host_checks(
     let plan = crate::plan::plan(lab, inputs);
     let layout = HvLayout::default();
     let hv = HvLab::from_plan(&plan, &layout);
-    let scratch = std::env::temp_dir().join("klab-hyperv");
     let mut out = Vec::new();
-    let backend = match HyperVBackend::connect(Some(&plan), templates, layout, scratch) {
+    let backend = match HyperVBackend::connect(Some(&plan), templates, layout, scratch_dir()) {
         Ok(b) => {
             out.push(("hyper-v".into(), true, "powershell.exe reachable".into()));
             b
@@ -152,6 +150,11 @@ pub fn host_checks(
         out.extend(problems("wsl2 routing", backend.wsl_forwarding(&internal)));
     }
     out
+}
+
+/// Where `-File` scripts go when a script is too long for `-EncodedCommand`.
+fn scratch_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("klab-hyperv")
 }
 
 /// Reconcile actions applied to a backend alone (what the executor does, minus the waits for a
