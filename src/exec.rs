@@ -656,20 +656,10 @@ impl NodeJob {
             NodeMode::Start | NodeMode::Restart => {
                 if mode == NodeMode::Restart {
                     self.step(progress, "restarting");
-                    let name = domain.clone();
-                    self.call(format!("stop domain {domain}"), move |b| {
-                        b.stop_domain(&name)
-                    })
-                    .await
-                    .map_err(|e| self.fail("stopping the domain", e))?;
+                    self.stop_domain("stopping the domain").await?;
                 }
                 self.step(progress, "booting");
-                let name = domain.clone();
-                self.call(format!("start domain {domain}"), move |b| {
-                    b.start_domain(&name)
-                })
-                .await
-                .map_err(|e| self.fail("starting the domain", e))?;
+                self.start_domain("starting the domain").await?;
                 self.reached(Step::Started)?;
             }
             NodeMode::WaitOnly => {
@@ -711,18 +701,8 @@ impl NodeJob {
                 // is healed by its bootcmd. A second hang is a failure with the console's tail.
                 tracing::warn!(node = %self.node.name, "the guest's kernel reports a task blocked during boot; resetting the node once");
                 self.step(progress, "boot hung: resetting");
-                let name = domain.clone();
-                self.call(format!("stop domain {domain}"), move |b| {
-                    b.stop_domain(&name)
-                })
-                .await
-                .map_err(|e| self.fail("resetting a hung boot", e))?;
-                let name = domain.clone();
-                self.call(format!("start domain {domain}"), move |b| {
-                    b.start_domain(&name)
-                })
-                .await
-                .map_err(|e| self.fail("resetting a hung boot", e))?;
+                self.stop_domain("resetting a hung boot").await?;
+                self.start_domain("resetting a hung boot").await?;
                 self.step(progress, "console");
                 seen = tokio::select! {
                     w = self.wait_console() => w,
@@ -806,6 +786,26 @@ impl NodeJob {
         report.ready_seconds = Some(self.t0.elapsed().as_secs_f64());
         self.step(progress, "verified");
         Ok(())
+    }
+
+    /// Stops (destroys) the node's domain; a failure is reported as `step`.
+    async fn stop_domain(&self, step: &str) -> Result<(), NodeFailure> {
+        let (domain, name) = (self.node.domain.clone(), self.node.domain.clone());
+        self.call(format!("stop domain {domain}"), move |b| {
+            b.stop_domain(&name)
+        })
+        .await
+        .map_err(|e| self.fail(step, e))
+    }
+
+    /// Starts the node's domain; a failure is reported as `step`.
+    async fn start_domain(&self, step: &str) -> Result<(), NodeFailure> {
+        let (domain, name) = (self.node.domain.clone(), self.node.domain.clone());
+        self.call(format!("start domain {domain}"), move |b| {
+            b.start_domain(&name)
+        })
+        .await
+        .map_err(|e| self.fail(step, e))
     }
 
     /// Follows the serial console log (truncated by libvirt at every domain start, so it holds
